@@ -1,0 +1,49 @@
+"""Builds swm_fused._C: the C++ CPU kernels always, the CUDA kernels when a CUDA toolkit and a CUDA torch exist.
+
+SWM_FUSED_NO_EXT=1 skips every extension (pure Python + Triton); SWM_FUSED_NO_CUDA=1 skips CUDA.
+SWM_FUSED_CPU_ARCH sets the -march of the CPU kernels (default: native; use e.g. x86-64-v3 for portable wheels).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("SWM_FUSED_NO_EXT") != "1":
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = (os.environ.get("SWM_FUSED_NO_CUDA") != "1" and torch.version.cuda is not None
+                 and CUDA_HOME is not None)
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    arch = os.environ.get("SWM_FUSED_CPU_ARCH", "native")
+    cxx_flags = ["-O3", "-std=c++17", f"-march={arch}", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    extra_compile_args = {"cxx": cxx_flags}
+    define_macros = []
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        define_macros.append(("SWM_FUSED_WITH_CUDA", None))
+    Extension = CUDAExtension if with_cuda else CppExtension
+    ext_modules.append(Extension("swm_fused._C", sources, include_dirs=[os.path.abspath("csrc")],
+                                 extra_compile_args=extra_compile_args, extra_link_args=["-fopenmp"],
+                                 define_macros=define_macros, py_limited_api=True))
+    cmdclass["build_ext"] = BuildExtension
+
+setup(
+    name="swm_fused",
+    version="0.1.0",
+    description="Fused, in-place weight averaging (SWA, EMA, SWAG) and K-way model merging for PyTorch",
+    packages=find_packages(include=["swm_fused", "swm_fused.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.5", "numpy", "tqdm", "safetensors"],
+    extras_require={
+        "triton": ["triton>=3.1"],
+        "demo": ["scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest", "matplotlib"],
+        "all": ["triton>=3.1", "scikit-learn", "pytest", "pytest-benchmark", "expecttest", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["swm-fused=swm_fused.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,34 @@
+"""swm_fused: fused, in-place weight averaging (SWA, EMA, SWAG) and K-way model merging for PyTorch."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .dispatch import available_backends, use_backend
+from .flat import FlatBuffer
+from .ops import any_nonfinite, ema_, merge_, swa_, swag_
+
+__version__ = "0.1.0"
+
+# Higher layers load on first use, so `import swm_fused` stays cheap.
+_LAZY = {
+    "WeightAverager": "swm_fused.averager",
+    "SWAG": "swm_fused.swag",
+    "swa_utils": "swm_fused.swa_utils",
+    "optim": "swm_fused.optim",
+    "merge": "swm_fused.merge",
+    "swm": "swm_fused.swm",
+    "swag": "swm_fused.swag",
+    "distributed": "swm_fused.distributed",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__.endswith("." + name) else getattr(module, name)
+    raise AttributeError(f"module 'swm_fused' has no attribute {name!r}")
+
+
+__all__ = ["ema_", "swa_", "swag_", "merge_", "any_nonfinite", "FlatBuffer",
+           "available_backends", "use_backend", *_LAZY]

@@ -1,0 +1,80 @@
+"""Reference backend: pure PyTorch, written as plainly as the math.
+
+This is the oracle the other backends are tested against, and the fallback
+when nothing faster is available. Every function receives lists that
+``swm_fused.ops`` has already validated; arithmetic runs in float32 (float64
+for float64 averages) and rounds once, at the store.
+
+Primitives (shared by every backend):
+    lerp_(avgs, srcs, weight, weight_tensor, found_inf)
+        avg <- avg + w * (src - avg)             (EMA: w = 1 - decay, SWA: w = 1/(n+1))
+    swag_(means, sq_means, srcs, weight, weight_tensor, found_inf)
+        mean <- mean + w * (src - mean);  sq_mean <- sq_mean + w * (src^2 - sq_mean)
+    merge_(outs, inputs, weights)
+        out <- sum_k weights[k] * inputs[k]
+    any_nonfinite(tensors) -> 0-dim float32 tensor, 1.0 if any NaN/Inf
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+NAME = "reference"
+
+
+def supports(device: torch.device) -> bool:
+    return True
+
+
+def compute_dtype(avg_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if avg_dtype == torch.float64 else torch.float32
+
+
+def _weight(weight: float, weight_tensor: Optional[Tensor], dtype: torch.dtype):
+    return weight if weight_tensor is None else weight_tensor.to(dtype)
+
+
+def _store(dst: Tensor, value: Tensor, found_inf: Optional[Tensor]) -> None:
+    if found_inf is not None:  # keep the old value when the step is flagged
+        value = torch.where(found_inf.reshape(()) != 0, dst.to(value.dtype), value)
+    dst.copy_(value)
+
+
+def lerp_(avgs: Sequence[Tensor], srcs: Sequence[Tensor], weight: float,
+          weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    for avg, src in zip(avgs, srcs):
+        ct = compute_dtype(avg.dtype)
+        a, s = avg.to(ct), src.to(ct)
+        _store(avg, torch.lerp(a, s, _weight(weight, weight_tensor, ct)), found_inf)
+
+
+def swag_(means: Sequence[Tensor], sq_means: Sequence[Tensor], srcs: Sequence[Tensor],
+          weight: float, weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    for mean, sq_mean, src in zip(means, sq_means, srcs):
+        ct = compute_dtype(mean.dtype)
+        w = _weight(weight, weight_tensor, ct)
+        s = src.to(ct)
+        new_mean = torch.lerp(mean.to(ct), s, w)
+        new_sq = torch.lerp(sq_mean.to(compute_dtype(sq_mean.dtype)), s * s, w)
+        _store(mean, new_mean, found_inf)
+        _store(sq_mean, new_sq, found_inf)
+
+
+def merge_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]],
+           weights: Sequence[float]) -> None:
+    for i, out in enumerate(outs):
+        ct = compute_dtype(out.dtype)
+        acc = weights[0] * inputs[0][i].to(ct)
+        for k in range(1, len(inputs)):
+            acc = acc + weights[k] * inputs[k][i].to(ct)
+        out.copy_(acc)  # every input was read above, so `out` may alias one of them
+
+
+def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    flags = [torch.isfinite(t).logical_not().any() for t in tensors if t.numel()]
+    if not flags:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(flags).any().to(torch.float32)

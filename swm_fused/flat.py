@@ -1,0 +1,117 @@
+"""FlatBuffer: a set of tensors laid out in one contiguous 1-D storage per (device, dtype)."""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+# Every view starts at a multiple of 16 elements: buffers of different dtypes built
+# from the same tensors then share one element layout (so ops can pair their
+# storages directly), and fp32/bf16/fp16 views stay 16-byte aligned for vector loads.
+ALIGN_ELEMENTS = 16
+
+_Spec = Tuple[torch.Size, torch.dtype, torch.device]
+
+
+def _round_up(n: int) -> int:
+    return (n + ALIGN_ELEMENTS - 1) // ALIGN_ELEMENTS * ALIGN_ELEMENTS
+
+
+class FlatBuffer:
+    """Tensors stored back to back in one flat storage per (device, dtype).
+
+    ``views[i]`` is shaped like the i-th original tensor and lives inside
+    ``storages[group_of[i]]``. When every list given to an op is a FlatBuffer with
+    the same layout, the op runs once per storage instead of once per tensor.
+
+    Build one with :meth:`from_tensors` (copies the values in) or :meth:`zeros_like`.
+    Padding between views is zero-filled and only ever holds zeros or values the
+    ops derive from zeros, so it never carries NaN/Inf of its own.
+    """
+
+    def __init__(self, specs: Sequence[_Spec]):
+        group_index: Dict[Tuple[torch.device, torch.dtype], int] = {}
+        sizes: List[int] = []
+        self.group_of: List[int] = []
+        self.offsets: List[int] = []
+        self.shapes: List[torch.Size] = []
+        for shape, dtype, device in specs:
+            key = (torch.device(device), dtype)
+            if key not in group_index:
+                group_index[key] = len(sizes)
+                sizes.append(0)
+            g = group_index[key]
+            self.group_of.append(g)
+            self.offsets.append(sizes[g])
+            self.shapes.append(torch.Size(shape))
+            sizes[g] += _round_up(torch.Size(shape).numel())
+        self.storages: List[Tensor] = [
+            torch.zeros(size, dtype=dtype, device=device)
+            for (device, dtype), size in zip(group_index, sizes)
+        ]
+        self.views: List[Tensor] = [
+            self.storages[g].narrow(0, off, shape.numel()).view(shape)
+            for g, off, shape in zip(self.group_of, self.offsets, self.shapes)
+        ]
+
+    @classmethod
+    def from_tensors(cls, tensors: Union[Tensor, Sequence[Tensor]], dtype: Optional[torch.dtype] = None,
+                     device: Optional[Union[str, torch.device]] = None) -> "FlatBuffer":
+        """A FlatBuffer holding copies of ``tensors``, cast to ``dtype`` / moved to ``device`` if given."""
+        tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+        buf = cls.zeros_like(tensors, dtype=dtype, device=device)
+        buf.copy_(tensors)
+        return buf
+
+    @classmethod
+    def zeros_like(cls, tensors: Union["FlatBuffer", Tensor, Sequence[Tensor]], dtype: Optional[torch.dtype] = None,
+                   device: Optional[Union[str, torch.device]] = None) -> "FlatBuffer":
+        """A zero-filled FlatBuffer shaped like ``tensors`` (a list or another FlatBuffer)."""
+        if isinstance(tensors, FlatBuffer):
+            tensors = tensors.views
+        elif isinstance(tensors, Tensor):
+            tensors = [tensors]
+        specs = [(t.shape, dtype or t.dtype, torch.device(device) if device is not None else t.device)
+                 for t in tensors]
+        return cls(specs)
+
+    @torch.no_grad()
+    def copy_(self, tensors: Union["FlatBuffer", Sequence[Tensor]]) -> "FlatBuffer":
+        """Copy values from ``tensors`` (paired by position) into the views; returns self."""
+        src = tensors.views if isinstance(tensors, FlatBuffer) else list(tensors)
+        if len(src) != len(self.views):
+            raise ValueError(f"FlatBuffer.copy_: got {len(src)} tensors for {len(self.views)} views")
+        for i, (view, t) in enumerate(zip(self.views, src)):
+            if t.shape != view.shape:
+                raise ValueError(f"FlatBuffer.copy_: tensor {i} has shape {tuple(t.shape)}, "
+                                 f"view has {tuple(view.shape)}")
+        if self.views:
+            torch._foreach_copy_(self.views, [t.detach() for t in src])
+        return self
+
+    def layout_key(self) -> Tuple:
+        """Equal keys mean the storages pair element by element, whatever their dtypes."""
+        return (tuple(self.shapes), tuple(self.group_of), tuple(self.offsets))
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.views)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.views[index]
+
+    def numel(self) -> int:
+        """Elements held by the views (padding excluded)."""
+        return sum(shape.numel() for shape in self.shapes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the storages (padding included)."""
+        return sum(s.numel() * s.element_size() for s in self.storages)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{s.dtype}@{s.device}[{s.numel()}]" for s in self.storages)
+        return f"FlatBuffer({len(self.views)} tensors, {groups})"

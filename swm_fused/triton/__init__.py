@@ -1,0 +1,2 @@
+def unavailable_reason() -> str:
+    return "not implemented yet"
