@@ -1,0 +1,367 @@
+"""The ops contract: the reference against float64 math, then every CPU backend against the reference."""
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List, Sequence
+from unittest import mock
+
+import pytest
+import torch
+from torch import Tensor
+
+import swm_fused
+from swm_fused import FlatBuffer, dispatch, use_backend
+from _helpers import (BACKEND_TOLERANCES, FLOAT64_TOLERANCES, FLOAT_DTYPES, assert_close, assert_unchanged,
+                      bits, clones, cpu_backends, random_tensor)
+
+OPS = ("ema_", "swa_", "swag_", "merge_")
+DTYPE_PAIRS = list(itertools.product(FLOAT_DTYPES, FLOAT_DTYPES))
+BACKENDS = cpu_backends()
+OTHER_BACKENDS = [b for b in BACKENDS if b != "reference"]
+
+
+def _dtype_id(pair) -> str:
+    return "-".join(str(d).replace("torch.", "") for d in pair)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: random inputs for one op, and a runner that applies the op to (copies of) them.
+
+def make_case(op: str, shapes: Sequence, avg_dtypes: Sequence[torch.dtype], src_dtypes: Sequence[torch.dtype],
+              k: int = 3) -> Dict:
+    """Random inputs for `op`; dtypes cycle over the positions of the list."""
+    n = len(shapes)
+    avg_dt = [avg_dtypes[i % len(avg_dtypes)] for i in range(n)]
+    src_dt = [src_dtypes[i % len(src_dtypes)] for i in range(n)]
+    case: Dict = {"op": op}
+    if op == "merge_":
+        case["out"] = [torch.full(s, float("nan"), dtype=d) for s, d in zip(shapes, avg_dt)]  # poisoned
+        case["inputs"] = [[random_tensor(s, d) for s, d in zip(shapes, src_dt)] for _ in range(k)]
+        case["weights"] = (torch.rand(k, dtype=torch.float64) * 2 - 0.5).tolist()  # some negative
+        return case
+    case["avg"] = [random_tensor(s, d) for s, d in zip(shapes, avg_dt)]
+    case["src"] = [random_tensor(s, d, scale=2.0) for s, d in zip(shapes, src_dt)]
+    if op == "swag_":
+        case["sq"] = [(a.double() ** 2 + torch.rand(a.shape, dtype=torch.float64)).to(a.dtype) for a in case["avg"]]
+    case["decay"] = 0.5 + 0.45 * torch.rand(()).item()
+    case["n"] = int(torch.randint(0, 9, ()).item())
+    return case
+
+
+def copy_case(case: Dict) -> Dict:
+    out = dict(case)
+    for key in ("avg", "src", "sq", "out"):
+        if key in case:
+            out[key] = clones(case[key])
+    if "inputs" in case:
+        out["inputs"] = [clones(x) for x in case["inputs"]]
+    return out
+
+
+def written(case: Dict) -> List[Tensor]:
+    """The tensors an op writes, in order."""
+    return {"ema_": lambda: case["avg"], "swa_": lambda: case["avg"], "merge_": lambda: case["out"],
+            "swag_": lambda: case["avg"] + case["sq"]}[case["op"]]()
+
+
+def run(case: Dict, backend: str, found_inf=None, n_as_tensor: bool = False) -> Dict:
+    """Apply the case's op under `backend` to a copy of its inputs; return the copy."""
+    c = copy_case(case)
+    n = torch.tensor(c.get("n", 0)) if n_as_tensor else c.get("n", 0)
+    with use_backend(backend):
+        if c["op"] == "ema_":
+            swm_fused.ema_(c["avg"], c["src"], c["decay"], found_inf=found_inf)
+        elif c["op"] == "swa_":
+            swm_fused.swa_(c["avg"], c["src"], n, found_inf=found_inf)
+        elif c["op"] == "swag_":
+            swm_fused.swag_(c["avg"], c["sq"], c["src"], n, found_inf=found_inf)
+        else:
+            swm_fused.merge_(c["out"], c["inputs"], c["weights"])
+    return c
+
+
+def float64_oracle(case: Dict) -> List[Tensor]:
+    """The op's math in float64 on the original inputs (sources first rounded as the kernels read them)."""
+    op = case["op"]
+    if op == "merge_":
+        return [sum(w * x[i].double() for w, x in zip(case["weights"], case["inputs"]))
+                for i in range(len(case["out"]))]
+    w = 1.0 - case["decay"] if op == "ema_" else 1.0 / (case["n"] + 1)
+    new = [a.double() + w * (s.double() - a.double()) for a, s in zip(case["avg"], case["src"])]
+    if op == "swag_":
+        new += [q.double() + w * (s.double() ** 2 - q.double()) for q, s in zip(case["sq"], case["src"])]
+    return new
+
+
+def compare_to_reference(case: Dict, backend: str, **kwargs) -> None:
+    expected = written(run(case, "reference", **kwargs))
+    actual = written(run(case, backend, **kwargs))
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype
+        assert_close(a, e, *BACKEND_TOLERANCES[e.dtype], what=f"{backend} {case['op']} tensor {i} ({a.dtype})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against float64 math.
+
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=_dtype_id)
+@pytest.mark.parametrize("op", OPS)
+def test_reference_matches_float64(op, pair):
+    case = make_case(op, [(4097,), (7, 3), (1,)], [pair[0]], [pair[1]])
+    got = written(run(case, "reference"))
+    for i, (g, e) in enumerate(zip(got, float64_oracle(case))):
+        assert_close(g, e, *FLOAT64_TOLERANCES[g.dtype], what=f"reference {op} tensor {i} ({g.dtype})")
+
+
+def test_reference_any_nonfinite_matches_python():
+    tensors = [random_tensor((n,), d) for n, d in zip((5, 300, 1), FLOAT_DTYPES)]
+    with use_backend("reference"):
+        assert swm_fused.any_nonfinite(tensors).item() == 0.0
+        tensors[1][17] = float("inf")
+        assert swm_fused.any_nonfinite(tensors).item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend against the reference.
+
+@pytest.mark.parametrize("size", [0, 1, 7, 4097])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=_dtype_id)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_backend_matches_reference(backend, op, pair, size):
+    compare_to_reference(make_case(op, [(size,), (size, 2)], [pair[0]], [pair[1]]), backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_large_tensor(backend, op):
+    compare_to_reference(make_case(op, [(2**20 + 3,)], [torch.float32], [torch.bfloat16], k=2), backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_many_small_tensors_with_mixed_dtypes(backend, op):
+    shapes = [(int(s),) for s in torch.randint(1, 64, (5000,))]
+    compare_to_reference(make_case(op, shapes, FLOAT_DTYPES, FLOAT_DTYPES[::-1] + FLOAT_DTYPES[:1]), backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_tensor_stands_for_a_list(backend, op):
+    case = make_case(op, [(33, 5)], [torch.float32], [torch.float16])
+    expected = written(run(case, backend))
+    c = copy_case(case)
+    with use_backend(backend):
+        if op == "ema_":
+            swm_fused.ema_(c["avg"][0], c["src"][0], c["decay"])
+        elif op == "swa_":
+            swm_fused.swa_(c["avg"][0], c["src"][0], c["n"])
+        elif op == "swag_":
+            swm_fused.swag_(c["avg"][0], c["sq"][0], c["src"][0], c["n"])
+        else:
+            swm_fused.merge_(c["out"][0], [x[0] for x in c["inputs"]], c["weights"])
+    for a, e in zip(written(c), expected):
+        assert torch.equal(bits(a), bits(e))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_merge_k_inputs(backend, k):
+    case = make_case("merge_", [(4097,), (3, 7), (1,)], [torch.float32, torch.bfloat16], FLOAT_DTYPES, k=k)
+    case["weights"][0] = -abs(case["weights"][0]) - 0.1  # task arithmetic puts a negative weight on the base
+    compare_to_reference(case, backend)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_in_place_when_out_is_an_input(backend, k):
+    case = make_case("merge_", [(4097,), (5, 3)], [torch.float32], [torch.float32], k=k)
+    expected = written(run(case, "reference"))
+    c = copy_case(case)
+    alias = k // 2
+    with use_backend(backend):
+        swm_fused.merge_(c["inputs"][alias], c["inputs"], c["weights"])
+    for i, (a, e) in enumerate(zip(c["inputs"][alias], expected)):
+        assert_close(a, e, *BACKEND_TOLERANCES[torch.float32], what=f"{backend} in-place merge tensor {i}")
+
+
+def _strided_views(pair: List[Tensor]) -> List[Tensor]:
+    return [pair[0].t()[::2], pair[1][:, ::3]]
+
+
+def _column_major(t: Tensor) -> Tensor:
+    return t.t().contiguous().t()
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, op):
+    """Strided outputs and column-major sources give correct results; nothing outside the views changes."""
+    bases = [random_tensor((40, 30), torch.float32), random_tensor((9, 64), torch.bfloat16)]
+    case = make_case(op, [v.shape for v in _strided_views(bases)], [torch.float32, torch.bfloat16], [torch.float16])
+    key = "out" if op == "merge_" else "avg"
+    for view, value in zip(_strided_views(bases), case[key]):
+        view.copy_(value)
+    expected = written(run(case, "reference"))
+    before = clones(bases)
+    c = copy_case(case)
+    c[key] = _strided_views(bases)
+    if op == "merge_":
+        c["inputs"] = [[_column_major(x) for x in xs] for xs in c["inputs"]]
+    else:
+        c["src"] = [_column_major(x) for x in c["src"]]
+    with use_backend(backend):
+        run_in_place(c)
+    for i, (g, e) in enumerate(zip(written(c), expected)):
+        assert_close(g, e, *BACKEND_TOLERANCES[e.dtype], what=f"{backend} {op} strided tensor {i}")
+    outside = [torch.ones(b.shape, dtype=torch.bool) for b in bases]
+    for view in _strided_views(outside):
+        view.fill_(False)
+    for base, old, mask in zip(bases, before, outside):
+        assert torch.equal(bits(base[mask]), bits(old[mask])), f"{backend} {op} wrote outside its view"
+
+
+def run_in_place(c: Dict) -> Dict:
+    """Like run(), but on the case's own tensors (no copies)."""
+    if c["op"] == "ema_":
+        swm_fused.ema_(c["avg"], c["src"], c["decay"])
+    elif c["op"] == "swa_":
+        swm_fused.swa_(c["avg"], c["src"], c["n"])
+    elif c["op"] == "swag_":
+        swm_fused.swag_(c["avg"], c["sq"], c["src"], c["n"])
+    else:
+        swm_fused.merge_(c["out"], c["inputs"], c["weights"])
+    return c
+
+
+@pytest.mark.parametrize("op", ["ema_", "swa_", "swag_"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_set_changes_nothing_and_unset_changes_as_usual(backend, op):
+    case = make_case(op, [(4097,), (7,)], [torch.float32, torch.bfloat16], [torch.float16])
+    case["src"][0][100] = float("nan")  # the step that found_inf flags is typically non-finite
+    skipped = run(case, backend, found_inf=torch.ones(()))
+    assert_unchanged(written(case), written(skipped), f"{backend} {op} with found_inf=1")
+    applied = run(case, backend, found_inf=torch.zeros(()))
+    plain = run(case, backend)
+    for a, p in zip(written(applied), written(plain)):
+        assert torch.equal(bits(a), bits(p))
+
+
+@pytest.mark.parametrize("op", ["swa_", "swag_"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_count_as_device_tensor_equals_int(backend, op):
+    case = make_case(op, [(4097,), (7,)], [torch.float32, torch.float64], [torch.bfloat16])
+    for a, b in zip(written(run(case, backend)), written(run(case, backend, n_as_tensor=True))):
+        assert torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_swa_update_is_an_exact_copy(backend):
+    case = make_case("swa_", [(4097,), (7, 3)], [torch.float32, torch.bfloat16], [torch.float32, torch.bfloat16])
+    case["n"] = 0
+    for a, s in zip(written(run(case, backend)), case["src"]):
+        assert torch.equal(bits(a), bits(s))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_ema_matches_torch_foreach_lerp(backend):
+    """Bit for bit with torch on contiguous fp32 tensors, as long as torch's lerp uses its fma path."""
+    case = make_case("ema_", [(4096,), (64, 33)], [torch.float32], [torch.float32])
+    ours = written(run(case, backend))
+    theirs = clones(case["avg"])
+    torch._foreach_lerp_(theirs, case["src"], 1.0 - case["decay"])
+    for i, (a, t) in enumerate(zip(ours, theirs)):
+        ulps = (a.view(torch.int32).long() - t.view(torch.int32).long()).abs().max().item()
+        assert ulps <= 1, f"{backend}: tensor {i} differs from torch by {ulps} ulps"
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flatbuffers_run_once_per_storage_and_match_lists(backend, op):
+    shapes = [(31, 7), (4097,), (1,), (3, 3, 3)]
+    case = make_case(op, shapes, [torch.float32], [torch.bfloat16])
+    expected = written(run(case, backend))
+    flat = copy_case(case)
+    for key in ("avg", "src", "sq", "out"):
+        if key in flat:
+            flat[key] = FlatBuffer.from_tensors(case[key])
+    if "inputs" in flat:
+        flat["inputs"] = [FlatBuffer.from_tensors(x) for x in case["inputs"]]
+    module = dispatch._require(backend)
+    primitive = "lerp_" if op in ("ema_", "swa_") else op
+    with use_backend(backend), mock.patch.object(module, primitive, wraps=getattr(module, primitive)) as spy:
+        run_in_place(flat)
+    first_list = spy.call_args.args[0]
+    assert len(first_list) == 1 and first_list[0].dim() == 1, "a flat op must see one storage, not the views"
+    got = [v for buf in _written_buffers(flat) for v in buf.views]
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, *BACKEND_TOLERANCES[e.dtype], what=f"{backend} flat {op} tensor {i}")
+
+
+def _written_buffers(case: Dict) -> List[FlatBuffer]:
+    keys = {"ema_": ["avg"], "swa_": ["avg"], "swag_": ["avg", "sq"], "merge_": ["out"]}[case["op"]]
+    return [case[k] for k in keys]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_any_nonfinite(backend, bad):
+    tensors = [random_tensor((n,), d) for n, d in zip((4097, 1, 7, 0, 300), FLOAT_DTYPES + (torch.float32,))]
+    if bad is not None:
+        which = int(torch.randint(0, 3, ()).item())
+        tensors[which].view(-1)[int(torch.randint(0, tensors[which].numel(), ()).item())] = bad
+    with use_backend(backend):
+        flag = swm_fused.any_nonfinite(tensors)
+        flat_flag = swm_fused.any_nonfinite(FlatBuffer.from_tensors(tensors))
+    expected = float(any(not torch.isfinite(t).all() for t in tensors))
+    for f in (flag, flat_flag):
+        assert f.dtype == torch.float32 and f.dim() == 0 and f.item() == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error, raised before anything is written.
+
+def _bad_calls():
+    f32, i64 = torch.float32, torch.int64
+    a = lambda *s, d=f32: random_tensor(s, d)  # noqa: E731
+    return {
+        "lengths": (lambda x, y, o: swm_fused.ema_(x, y[:1], 0.9), ValueError, "has 2 tensors but src has 1"),
+        "shape": (lambda x, y, o: swm_fused.swa_(x, [y[0], a(3, 4)], 1), ValueError, "index 1"),
+        "int_average": (lambda x, y, o: swm_fused.ema_([x[0], a(3, d=i64)], y, 0.9), TypeError, "torch.int64"),
+        "bool_average": (lambda x, y, o: swm_fused.ema_([x[0], torch.ones(3, dtype=torch.bool)], y, 0.9),
+                         TypeError, "torch.bool"),
+        "int_source": (lambda x, y, o: swm_fused.ema_(x, [y[0], torch.ones(3, dtype=i64)], 0.9), TypeError,
+                       "src[1]"),
+        "decay_high": (lambda x, y, o: swm_fused.ema_(x, y, 1.5), ValueError, "decay"),
+        "decay_negative": (lambda x, y, o: swm_fused.ema_(x, y, -0.1), ValueError, "decay"),
+        "decay_nan": (lambda x, y, o: swm_fused.ema_(x, y, float("nan")), ValueError, "decay"),
+        "weights_count": (lambda x, y, o: swm_fused.merge_(o, [x, y], [0.5]), ValueError, "1 weights for 2"),
+        "merge_shape": (lambda x, y, o: swm_fused.merge_(o, [x, [y[0], a(2)]], [0.5, 0.5]), ValueError,
+                        "inputs[1][1]"),
+        "merge_lengths": (lambda x, y, o: swm_fused.merge_(o, [x, y[:1]], [0.5, 0.5]), ValueError, "has 1"),
+        "swag_shape": (lambda x, y, o: swm_fused.swag_(x, [o[0], a(5)], y, 2), ValueError, "sq_mean[1]"),
+        "negative_count": (lambda x, y, o: swm_fused.swa_(x, y, -1), ValueError, "n_averaged"),
+        "found_inf_shape": (lambda x, y, o: swm_fused.ema_(x, y, 0.9, found_inf=torch.zeros(2)), ValueError,
+                            "found_inf"),
+        "not_a_tensor": (lambda x, y, o: swm_fused.ema_(x, [y[0], [1.0, 2.0, 3.0]], 0.9), TypeError, "src[1]"),
+        "meta_device": (lambda x, y, o: swm_fused.ema_(x, [y[0], torch.empty(3, device="meta")], 0.9),
+                        ValueError, "device"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_bad_input_raises_clearly_and_writes_nothing(name):
+    call, error, text = _bad_calls()[name]
+    x = [random_tensor((4, 5), torch.float32), random_tensor((3,), torch.bfloat16)]
+    y = [random_tensor((4, 5), torch.float16), random_tensor((3,), torch.float32)]
+    o = [random_tensor((4, 5), torch.float32), random_tensor((3,), torch.float32)]
+    before = clones(x + y + o)
+    with pytest.raises(error, match=text.replace("[", r"\[").replace("]", r"\]")):
+        call(x, y, o)
+    assert_unchanged(before, x + y + o, name)
+
+
+def test_empty_lists_are_a_no_op():
+    swm_fused.ema_([], [], 0.9)
+    swm_fused.merge_([], [[], []], [0.5, 0.5])
+    assert swm_fused.any_nonfinite([]).item() == 0.0
