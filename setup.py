@@ -17,7 +17,7 @@ if os.environ.get("SWM_FUSED_NO_EXT") != "1":
                  and CUDA_HOME is not None)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     arch = os.environ.get("SWM_FUSED_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-std=c++17", f"-march={arch}", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3", "-g0", "-std=c++20", f"-march={arch}", "-ffp-contract=off", "-fopenmp"]
     extra_compile_args = {"cxx": cxx_flags}
     define_macros = []
     if with_cuda:

@@ -36,7 +36,7 @@ def gpt2_small() -> ParamList:
 
 
 def gpt_1_3b() -> ParamList:
-    """A GPT-3-XL-like 1.3B model (d_model 2048, 24 layers, context 2048): 1,315,753,984 parameters."""
+    """A GPT-3-XL-like 1.3B model (d_model 2048, 24 layers, context 2048): 1,315,723,264 parameters."""
     return gpt_shapes(d_model=2048, n_layer=24, n_ctx=2048)
 
 

@@ -1,0 +1,45 @@
+// swm_fused::lerp_ on CPU: avg <- lerp(avg, src, w) over a list of tensors, one pass over memory.
+#include <torch/library.h>
+
+#include "cpu/multi_tensor.h"
+
+namespace swm_fused::cpu {
+namespace {
+
+template <typename C>
+void lerp_range(const Operand& avg, const Operand& src, int64_t lo, int64_t hi, double weight) {
+  alignas(64) C avg_buf[kBlock];
+  alignas(64) C src_buf[kBlock];
+  const bool no_conversion = avg.dtype == src.dtype && avg.dtype == c10::CppTypeToScalarType<C>::value;
+  const int64_t step = no_conversion ? hi - lo : kBlock;
+  for (int64_t b = lo; b < hi; b += step) {
+    const int64_t n = std::min(step, hi - b);
+    C* a = as_compute<C>(avg, b, n, avg_buf);
+    lerp_inplace<C>(a, as_compute<C>(src, b, n, src_buf), n, static_cast<C>(weight));
+    store<C>(avg, b, n, a);
+  }
+}
+
+void lerp_cpu(at::TensorList avg, at::TensorList src, double weight,
+              const std::optional<at::Tensor>& weight_tensor, const std::optional<at::Tensor>& found_inf) {
+  Staging staging;
+  const std::vector<Operand> avgs = stage_list(staging, avg, true, "lerp_");
+  const std::vector<Operand> srcs = stage_list(staging, src, false, "lerp_");
+  check_numels(avgs, srcs, "lerp_");
+  if (step_is_skipped(found_inf)) return;
+  const double w = weight_tensor.has_value() ? weight_tensor->item<double>() : weight;
+  parallel_over_tensors(avgs, 1, [&](size_t i, int64_t lo, int64_t hi) {
+    if (avgs[i].dtype == at::kDouble) {
+      lerp_range<double>(avgs[i], srcs[i], lo, hi, w);
+    } else {
+      lerp_range<float>(avgs[i], srcs[i], lo, hi, w);
+    }
+  });
+  staging.write_back();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(swm_fused, CPU, m) { m.impl("lerp_", &lerp_cpu); }
+
+}  // namespace swm_fused::cpu

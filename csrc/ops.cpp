@@ -1,0 +1,21 @@
+// The swm_fused operator library: schemas only. Kernels register per device with
+// TORCH_LIBRARY_IMPL (csrc/cpu/ for CPU, csrc/cuda/ for CUDA); fake kernels live in
+// swm_fused/_fake.py. Importing swm_fused._C loads this library.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty Python module: importing it runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(swm_fused, m) {
+  m.def("lerp_(Tensor(a!)[] avg, Tensor[] src, float weight, Tensor? weight_tensor, Tensor? found_inf) -> ()");
+  m.def("swag_(Tensor(a!)[] mean, Tensor(b!)[] sq_mean, Tensor[] src, float weight, Tensor? weight_tensor, "
+        "Tensor? found_inf) -> ()");
+  m.def("merge_(Tensor(a!)[] out, Tensor[] inputs, float[] weights) -> ()");
+  m.def("any_nonfinite(Tensor[] tensors) -> Tensor");
+}

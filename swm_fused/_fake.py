@@ -1,0 +1,35 @@
+"""Fake (meta) kernels of the ``torch.ops.swm_fused`` ops, so ``torch.compile`` can trace them.
+
+Importing this module loads the compiled extension (raising ``ImportError`` when it is not
+built) and registers the fake kernels once; the cpp and cuda backends import it.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (defines the swm_fused ops)
+
+
+@torch.library.register_fake("swm_fused::lerp_")
+def _lerp_fake(avg: List[Tensor], src: List[Tensor], weight: float,
+               weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    return None
+
+
+@torch.library.register_fake("swm_fused::swag_")
+def _swag_fake(mean: List[Tensor], sq_mean: List[Tensor], src: List[Tensor], weight: float,
+               weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    return None
+
+
+@torch.library.register_fake("swm_fused::merge_")
+def _merge_fake(out: List[Tensor], inputs: List[Tensor], weights: List[float]) -> None:
+    return None
+
+
+@torch.library.register_fake("swm_fused::any_nonfinite")
+def _any_nonfinite_fake(tensors: List[Tensor]) -> Tensor:
+    return tensors[0].new_empty((), dtype=torch.float32)

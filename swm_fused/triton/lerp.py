@@ -1,0 +1,52 @@
+"""Triton lerp_: ``avg <- lerp(avg, src, w)`` over a whole list of tensors (EMA and SWA).
+
+One launch per (avg dtype, src dtype) group of the list; see ``_multi_tensor`` for the tables.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._multi_tensor import (LAUNCH_OPTIONS, TRITON_DTYPES, build_launch, chunk_tile, column, compute_dtype,
+                            contiguous_operands, copy_back, float_bits, group_positions, lerp_fma,
+                            scalar_weight, store_rounded)
+
+
+@triton.jit(do_not_specialize=["weight_bits"])
+def _lerp_kernel(tensor_table, chunk_table, n_chunks, weight_bits, weight_ptr, found_inf_ptr,
+                 AVG: tl.constexpr, SRC: tl.constexpr, COMPUTE: tl.constexpr,
+                 HAS_WEIGHT_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, 3, ROWS, BLOCK)
+    if HAS_FOUND_INF:
+        mask = mask & (tl.load(found_inf_ptr) == 0)  # a flagged step loads and stores nothing
+    weight = scalar_weight(weight_bits, weight_ptr, HAS_WEIGHT_TENSOR, COMPUTE)
+    avg_ptrs = column(row, 0, AVG) + offsets
+    avg = tl.load(avg_ptrs, mask=mask, other=0.0).to(COMPUTE)
+    src = tl.load(column(row, 1, SRC) + offsets, mask=mask, other=0.0).to(COMPUTE)
+    store_rounded(avg_ptrs, lerp_fma(avg, src, weight), mask, AVG)
+
+
+def lerp_(avgs: Sequence[Tensor], srcs: Sequence[Tensor], weight: float,
+          weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    """``avg <- lerp(avg, src, w)`` for every pair, with ``w = weight_tensor`` if given else ``weight``.
+
+    Launches once per (avg dtype, src dtype) combination present in the lists.
+    ``weight_tensor`` and ``found_inf`` are read by the kernel on the device.
+    """
+    copy_backs: List[Tuple[Tensor, Tensor]] = []
+    avgs = contiguous_operands(avgs, copy_backs)
+    srcs = contiguous_operands(srcs, None)
+    for (avg_dtype, src_dtype), positions in group_positions([avgs, srcs]).items():
+        launch = build_launch([[avgs[i] for i in positions], [srcs[i] for i in positions]])
+        _lerp_kernel[launch.grid](
+            launch.tensor_table, launch.chunk_table, launch.n_chunks, float_bits(weight),
+            launch.tensor_table if weight_tensor is None else weight_tensor,
+            launch.tensor_table if found_inf is None else found_inf,
+            AVG=TRITON_DTYPES[avg_dtype], SRC=TRITON_DTYPES[src_dtype], COMPUTE=compute_dtype(avg_dtype),
+            HAS_WEIGHT_TENSOR=weight_tensor is not None, HAS_FOUND_INF=found_inf is not None,
+            ROWS=launch.rows, BLOCK=launch.block, **LAUNCH_OPTIONS)
+    copy_back(copy_backs)
