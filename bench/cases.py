@@ -1,4 +1,4 @@
-"""Benchmark cases, providers and targets, shared by the CPU suite (pytest-benchmark) and gpu.py.
+"""Benchmark cases, providers and timing, shared by the CPU suite (pytest-benchmark) and gpu.py.
 
 A *case* is one op on one workload with one model dtype (``ema-gpt2-bf16``,
 ``merge8-gpt2-fp32``). A *provider* is one way to compute it: swm_fused with a
@@ -147,13 +147,16 @@ class Provider:
     """A way to compute some ops. ``prepare(case, data)`` returns the call to time or raises Unsupported.
 
     ``baselines`` names the providers this one is compared with, in order of
-    preference (the first one measured in the same run is used).
+    preference (the first one measured in the same run is used). ``own_copy``: it
+    averages into its own copy of the data (an AveragedModel, FlatBuffers), not into
+    the CaseData's tensors.
     """
 
     name: str
     ops: Tuple[str, ...]
     prepare: Callable[[Case, CaseData], Prepared]
     baselines: Tuple[str, ...] = ()
+    own_copy: bool = False
 
 
 def _swm_ops(backend: str, flat: bool) -> Callable[[Case, CaseData], Prepared]:
@@ -267,7 +270,8 @@ def providers(device_type: str) -> List[Provider]:
     """
     result = [
         Provider("torch:foreach", ("ema", "swa", "swag"), _torch_foreach),
-        Provider("torch:AveragedModel", LERP_OPS, _torch_averaged_model, baselines=("torch:foreach",)),
+        Provider("torch:AveragedModel", LERP_OPS, _torch_averaged_model, baselines=("torch:foreach",),
+                 own_copy=True),
         Provider("torch:loop", ("merge",), _torch_loop_merge),
         Provider("torch:stack", ("merge",), _torch_stack_merge, baselines=("torch:loop",)),
     ]
@@ -275,9 +279,9 @@ def providers(device_type: str) -> List[Provider]:
         result.append(Provider(f"swm:{backend}", ALL_OPS, _swm_ops(backend, flat=False),
                                baselines=("torch:foreach", "torch:loop")))
         result.append(Provider(f"swm:{backend}:flat", ("ema",), _swm_ops(backend, flat=True),
-                               baselines=("torch:foreach",)))
+                               baselines=("torch:foreach",), own_copy=True))
     result.append(Provider("swm:AveragedModel", LERP_OPS, _swm_averaged_model,
-                           baselines=("torch:AveragedModel", "torch:foreach")))
+                           baselines=("torch:AveragedModel", "torch:foreach"), own_copy=True))
     return result
 
 
@@ -343,37 +347,3 @@ def time_calls(calls: Sequence[Prepared], device: torch.device, budget_s: float 
         calls[i % len(calls)]()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-# ---------------------------------------------------------------- targets (issue 5)
-
-@dataclass(frozen=True)
-class Target:
-    """``ours`` (best of these providers) on ``case`` reaches ``min_speedup`` x ``baseline`` (and ``min_fraction`` of copy bandwidth)."""
-
-    label: str
-    case: str
-    ours: Tuple[str, ...]
-    baseline: str
-    min_speedup: float
-    min_fraction: Optional[float] = None
-
-
-CPU_TARGETS = [
-    Target("fp32 EMA, GPT-2-like list", "ema-gpt2-fp32", ("swm:cpp", "swm:reference"), "torch:foreach", 1.0, 0.85),
-    Target("bf16 model, fp32 EMA, GPT-2-like list", "ema-gpt2-bf16", ("swm:cpp", "swm:reference"),
-           "torch:foreach", 1.6),
-    Target("K=8 fp32 merge, GPT-2-like list", "merge8-gpt2-fp32", ("swm:cpp", "swm:reference"), "torch:loop", 1.7),
-    Target("20,000 small tensors, fp32 EMA", "ema-small20k-fp32", ("swm:cpp", "swm:reference"),
-           "torch:foreach", 4.0),
-    Target("drop-in AveragedModel.update_parameters, GPT-2-like list", "ema-gpt2-fp32", ("swm:AveragedModel",),
-           "torch:AveragedModel", 1.5),
-]
-
-GPU_TARGETS = [
-    Target("EMA, 1.3B GPT-like list, bf16 model, fp32 average", "ema-gpt1.3b-bf16", ("swm:cuda", "swm:triton"),
-           "torch:foreach", 2.0, 0.90),
-    Target("K=8 bf16 merge, 1.3B GPT-like list", "merge8-gpt1.3b-bf16", ("swm:cuda", "swm:triton"), "torch:loop", 2.5),
-    Target("20,000 small tensors, fp32 EMA", "ema-small20k-fp32", ("swm:cuda", "swm:triton"), "torch:foreach", 3.0),
-]
-

@@ -21,7 +21,7 @@ from torch import nn
 
 import swm_fused
 import swm_fused.swa_utils as ours_swa
-from swm_fused import dispatch, ops
+from swm_fused import ops
 
 from _helpers import FLOAT64_TOLERANCES, assert_close, bits, cpu_backends
 
@@ -71,15 +71,20 @@ def scale_of(t: torch.Tensor) -> float:
     return max(t.detach().abs().max().item(), 1e-30) if t.numel() else 1.0
 
 
-def assert_same_average(ours: nn.Module, theirs: nn.Module, eps_multiple: float) -> None:
+def assert_same_average(ours: nn.Module, theirs: nn.Module, eps_multiple: float,
+                        float64_eps_multiple: Optional[float] = None) -> None:
     """Same keys, dtypes, devices and shapes; integer entries equal; floating entries bitwise equal
-    when eps_multiple == 0, else within eps_multiple * eps(dtype) * max|theirs|."""
+    when eps_multiple == 0, else within eps_multiple * eps(dtype) * max|theirs|.
+    float64_eps_multiple, when given, is the bound for float64 entries, in float32 eps."""
     sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
     assert list(sd_ours) == list(sd_theirs)
     for key, theirs_t in sd_theirs.items():
         ours_t = sd_ours[key]
         assert (ours_t.dtype, ours_t.device, ours_t.shape) == (theirs_t.dtype, theirs_t.device, theirs_t.shape), key
-        if eps_multiple == 0 or not theirs_t.is_floating_point():
+        if float64_eps_multiple is not None and theirs_t.dtype == torch.float64:
+            atol = float64_eps_multiple * torch.finfo(torch.float32).eps * scale_of(theirs_t)
+            assert_close(ours_t, theirs_t, atol=atol, rtol=0.0, what=key)
+        elif eps_multiple == 0 or not theirs_t.is_floating_point():
             assert torch.equal(bits(ours_t), bits(theirs_t)), f"{key}: not bitwise equal to torch"
         else:
             atol = eps_multiple * torch.finfo(theirs_t.dtype).eps * scale_of(theirs_t)
@@ -89,6 +94,12 @@ def assert_same_average(ours: nn.Module, theirs: nn.Module, eps_multiple: float)
 def backend_tolerance(backend: str) -> float:
     """The reference backend computes lerp exactly as torch does; others may use an fma form."""
     return 0.0 if backend == "reference" else 4.0
+
+
+# torch's default SWA on CPU computes a + (b - a) / (n + 1) (three roundings, ours one lerp); the
+# two drift apart by up to ~3.3 eps * max|x| over five updates (seen over 300 seeds), never more than
+# a few eps since each step contracts the old difference.
+TORCH_CPU_SWA_EPS = 8.0
 
 
 def poison(module: nn.Module) -> None:
@@ -111,7 +122,7 @@ def test_default_swa_matches_torch(use_buffers):
         train_step([model_t, model_o])
         avg_t.update_parameters(model_t)
         avg_o.update_parameters(model_o)
-        assert_same_average(avg_o, avg_t, eps_multiple=2.0)
+        assert_same_average(avg_o, avg_t, eps_multiple=TORCH_CPU_SWA_EPS)
     assert avg_o.n_averaged.dtype == torch.long and avg_o.n_averaged.shape == ()
     assert avg_o.n_averaged.item() == avg_t.n_averaged.item() == 5
     if not use_buffers:  # buffers follow the model, bit for bit
@@ -121,7 +132,8 @@ def test_default_swa_matches_torch(use_buffers):
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_swa_matches_torch_foreach_lerp(backend):
-    """torch's get_swa_multi_avg_fn runs _foreach_lerp_ with weight 1/(n+1): the same math as ours."""
+    """torch's get_swa_multi_avg_fn runs _foreach_lerp_ with weight 1/(n+1): the same math as ours,
+    except that torch rounds the weight to float32 even for float64 tensors (ours keeps it in float64)."""
     model_t, model_o = twins()
     avg_t = torch_swa.AveragedModel(model_t, multi_avg_fn=torch_swa.get_swa_multi_avg_fn())
     avg_default = ours_swa.AveragedModel(deepcopy(model_o))
@@ -132,8 +144,8 @@ def test_swa_matches_torch_foreach_lerp(backend):
             avg_t.update_parameters(model_t)
             avg_default.update_parameters(model_o)
             avg_fn.update_parameters(model_o)
-            assert_same_average(avg_default, avg_t, backend_tolerance(backend))
-            assert_same_average(avg_fn, avg_t, backend_tolerance(backend))
+            for avg in (avg_default, avg_fn):
+                assert_same_average(avg, avg_t, backend_tolerance(backend), float64_eps_multiple=4.0)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -164,7 +176,7 @@ def test_swa_multi_avg_fn_with_integer_buffers(use_buffers):
         train_step([model_t, model_o])
         avg_t.update_parameters(model_t)
         avg_o.update_parameters(model_o)
-    assert_same_average(avg_o, avg_t, eps_multiple=2.0)
+    assert_same_average(avg_o, avg_t, eps_multiple=TORCH_CPU_SWA_EPS)
 
 
 def test_default_paths_run_through_fused_ops():
@@ -384,14 +396,14 @@ def test_pickling(updates_before_pickle):
     avg_o = pickle.loads(pickle.dumps(avg_o))
     assert isinstance(avg_o, ours_swa.AveragedModel)
     assert pickle.loads(pickle.dumps(ema_o)).multi_avg_fn.decay == 0.9
-    assert_same_average(avg_o, avg_t, eps_multiple=2.0)
+    assert_same_average(avg_o, avg_t, eps_multiple=TORCH_CPU_SWA_EPS)
     train_step([model_t, model_o])
     if updates_before_pickle == 0:  # the unpickled average still knows its first update is a copy
         poison(avg_t)
         poison(avg_o)
     avg_t.update_parameters(model_t)
     avg_o.update_parameters(model_o)
-    assert_same_average(avg_o, avg_t, eps_multiple=2.0)
+    assert_same_average(avg_o, avg_t, eps_multiple=TORCH_CPU_SWA_EPS)
     assert avg_o.n_averaged.item() == updates_before_pickle + 1
 
 
@@ -489,7 +501,9 @@ def test_name_mismatch_raises_before_writing(case):
         other.drift = torch.randn(4, dtype=torch.float64)
         del other._buffers["drift"]
         other.register_buffer("drift_renamed", torch.randn(4, dtype=torch.float64))
-    train_step([other]) if case != "missing_in_model" else None
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
     before = {k: v.clone() for k, v in avg.state_dict().items()}
     with pytest.raises(ValueError, match=f"'{expected_name}'"):
         avg.update_parameters(other)
@@ -560,20 +574,27 @@ def test_no_device_sync_per_update_on_cuda():
     averages = [ours_swa.AveragedModel(model, use_buffers=True),
                 ours_swa.AveragedModel(model, multi_avg_fn=ours_swa.get_ema_multi_avg_fn(0.9), dtype=torch.float32)]
     assert all(a.n_averaged.device.type == "cuda" for a in averages)
+    cpu_model = deepcopy(model).cpu()
+    cpu_average = ours_swa.AveragedModel(cpu_model, use_buffers=True)
+    train_step([model, cpu_model])
     for avg in averages:
         avg.update_parameters(model)
+    cpu_average.update_parameters(cpu_model)
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
+    for _ in range(3):
+        train_step([model, cpu_model])
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             for avg in averages:
                 avg.update_parameters(model)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    cpu_reference = ours_swa.AveragedModel(SmallNet())
-    cpu_reference.load_state_dict({k: v.cpu() for k, v in averages[0].state_dict().items()})
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        cpu_average.update_parameters(cpu_model)
     assert averages[0].n_averaged.item() == 4
+    for (name, on_gpu), (_, on_cpu) in zip(averages[0].state_dict().items(), cpu_average.state_dict().items()):
+        atol = 4 * torch.finfo(on_cpu.dtype).eps * scale_of(on_cpu) if on_cpu.is_floating_point() else 0
+        assert_close(on_gpu, on_cpu, atol=atol, rtol=0, what=name)
 
 
 # ----------------------------------------------------------------------------- update_bn
@@ -655,4 +676,3 @@ def test_public_names_match_torch():
     assert sorted(ours_swa.__all__) == sorted(torch_swa.__all__)
     assert issubclass(ours_swa.AveragedModel, nn.Module)
     assert swm_fused.swa_utils is ours_swa
-    assert dispatch.select(torch.device("cpu")) is not None

@@ -180,7 +180,8 @@ __device__ __forceinline__ int tensor_of_block(const TensorTable<DEPTH>& table, 
 //   skip()                       true when the whole launch must write nothing (found_inf)
 //   chunk(table, t, start)       typed pointers of tensor t advanced to element `start`, plus per-launch values
 //   aligned(chunk)               every pointer the op touches is aligned for Vec<T, kVec>
-//   apply<N>(chunk, i)           process elements i .. i+N-1 of the chunk (reads all before writing any)
+//   apply<N>(chunk, i)           process elements i .. i+N-1 of the chunk, reading every operand of
+//                                those elements before writing any (so outputs may alias inputs)
 template <typename Op>
 __global__ void __launch_bounds__(kBlockSize) multi_tensor_kernel(const TensorTable<Op::kDepth> table, const Op op) {
   if (op.skip()) return;
@@ -191,12 +192,12 @@ __global__ void __launch_bounds__(kBlockSize) multi_tensor_kernel(const TensorTa
   const typename Op::Chunk chunk = op.chunk(table, t, start);
   constexpr int V = Op::kVec;
   int scalar_from = 0;
-  if (Op::aligned(chunk)) {
+  if (op.aligned(chunk)) {
     const int n_vec = len / V;
-    for (int v = threadIdx.x; v < n_vec; v += kBlockSize) Op::template apply<V>(chunk, v * V);
+    for (int v = threadIdx.x; v < n_vec; v += kBlockSize) op.template apply<V>(chunk, v * V);
     scalar_from = n_vec * V;
   }
-  for (int i = scalar_from + static_cast<int>(threadIdx.x); i < len; i += kBlockSize) Op::template apply<1>(chunk, i);
+  for (int i = scalar_from + static_cast<int>(threadIdx.x); i < len; i += kBlockSize) op.template apply<1>(chunk, i);
 }
 
 // Runs `op` over the tensors listed in `members` (indices into the launcher's arrays) in as few launches

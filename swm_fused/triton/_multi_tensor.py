@@ -55,9 +55,17 @@ def chunk_tile(tensor_table, chunk_table, n_chunks, ROW_WIDTH: tl.constexpr, ROW
 
 
 @triton.jit
-def column(row, index, DTYPE: tl.constexpr):
-    """The [ROWS, 1] base pointers held in column ``index`` of the tile's table rows."""
-    return tl.load(row + index).to(tl.pointer_type(DTYPE))[:, None]
+def load_column(row, index, offsets, mask, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    """Pointers [ROWS, BLOCK] into the tensors of table column ``index`` (element type ``DTYPE``),
+    and the values there converted to ``COMPUTE``; masked lanes hold garbage that is never stored."""
+    ptrs = tl.load(row + index).to(tl.pointer_type(DTYPE))[:, None] + offsets
+    if DTYPE == tl.bfloat16:
+        # bf16 -> fp32 is a 16-bit shift; the interpreter's generic float conversion is far slower.
+        bits = tl.load(ptrs.to(tl.pointer_type(tl.uint16)), mask=mask).to(tl.uint32) << 16
+        values = bits.to(tl.float32, bitcast=True).to(COMPUTE)
+    else:
+        values = tl.load(ptrs, mask=mask).to(COMPUTE)
+    return ptrs, values
 
 
 @triton.jit
@@ -95,7 +103,7 @@ INTERPRETED: bool = isinstance(chunk_tile, InterpretedFunction)
 
 # The interpreter pays per program and per numpy call, so it gets big tiles; a GPU
 # wants tiles a thread block streams through with a few elements per thread.
-TILE = 1 << 16 if INTERPRETED else 4096
+TILE = 1 << 17 if INTERPRETED else 4096
 MIN_BLOCK = 16 if INTERPRETED else 128
 NUM_WARPS = 8
 LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)  # no contraction: match torch's roundings

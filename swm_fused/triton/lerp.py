@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._multi_tensor import (LAUNCH_OPTIONS, TRITON_DTYPES, build_launch, chunk_tile, column, compute_dtype,
+from ._multi_tensor import (LAUNCH_OPTIONS, TRITON_DTYPES, build_launch, chunk_tile, compute_dtype,
                             contiguous_operands, copy_back, float_bits, group_positions, lerp_fma,
-                            scalar_weight, store_rounded)
+                            load_column, scalar_weight, store_rounded)
 
 
 @triton.jit(do_not_specialize=["weight_bits"])
@@ -22,11 +22,12 @@ def _lerp_kernel(tensor_table, chunk_table, n_chunks, weight_bits, weight_ptr, f
                  ROWS: tl.constexpr, BLOCK: tl.constexpr):
     row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, 3, ROWS, BLOCK)
     if HAS_FOUND_INF:
-        mask = mask & (tl.load(found_inf_ptr) == 0)  # a flagged step loads and stores nothing
+        # A flagged step loads and stores nothing. The flag is loaded as a [1, 1] block: the
+        # interpreter mistypes a broadcast scalar comparison (bool data tagged as float).
+        mask = mask & (tl.load(found_inf_ptr + tl.zeros([1, 1], dtype=tl.int32)) == 0)
     weight = scalar_weight(weight_bits, weight_ptr, HAS_WEIGHT_TENSOR, COMPUTE)
-    avg_ptrs = column(row, 0, AVG) + offsets
-    avg = tl.load(avg_ptrs, mask=mask, other=0.0).to(COMPUTE)
-    src = tl.load(column(row, 1, SRC) + offsets, mask=mask, other=0.0).to(COMPUTE)
+    avg_ptrs, avg = load_column(row, 0, offsets, mask, AVG, COMPUTE)
+    _, src = load_column(row, 1, offsets, mask, SRC, COMPUTE)
     store_rounded(avg_ptrs, lerp_fma(avg, src, weight), mask, AVG)
 
 

@@ -1,0 +1,121 @@
+"""The C++ ops as torch.library ops: opcheck, torch.compile(fullgraph=True), and op-level checks.
+
+Skips when the extension is not built. torch.compile uses backend="aot_eager": it traces
+through fake kernels and functionalizes the mutations exactly as inductor would, without
+inductor's slow C++ code generation.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+import torch
+from torch import Tensor
+
+from swm_fused.backends import cpp
+from _helpers import FLOAT_DTYPES, random_tensor
+
+if cpp.unavailable_reason():
+    pytest.skip(f"cpp backend unavailable: {cpp.unavailable_reason()}", allow_module_level=True)
+
+OPS = torch.ops.swm_fused
+SHAPES = [(3, 5), (7,), (), (0,), (33, 2)]
+
+
+def _mixed(dtype_offset: int) -> List[Tensor]:
+    """Random tensors of SHAPES, their dtypes cycling through every kernel dtype."""
+    return [random_tensor(s, FLOAT_DTYPES[(i + dtype_offset) % 4]) for i, s in enumerate(SHAPES)]
+
+
+def _flags():
+    """(weight_tensor, found_inf) variants: plain float weight, device weight, flag unset and set."""
+    weight = torch.rand((), dtype=torch.float64)
+    return [(None, None), (weight, None), (weight, torch.zeros(())), (None, torch.ones(()))]
+
+
+def _clones(tensors: List[Tensor]) -> List[Tensor]:
+    return [t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("ops", ["lerp_", "swag_", "merge_", "any_nonfinite"])
+def test_every_op_has_a_cpu_kernel(ops):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::{ops}", "CPU")
+
+
+@pytest.mark.parametrize("flags", range(4))
+def test_opcheck_lerp(flags):
+    weight_tensor, found_inf = _flags()[flags]
+    weight = torch.rand(()).item()
+    torch.library.opcheck(OPS.lerp_.default, (_mixed(0), _mixed(1), weight, weight_tensor, found_inf))
+
+
+@pytest.mark.parametrize("flags", range(4))
+def test_opcheck_swag(flags):
+    weight_tensor, found_inf = _flags()[flags]
+    weight = torch.rand(()).item()
+    sq_means = [t.abs() for t in _mixed(2)]
+    torch.library.opcheck(OPS.swag_.default, (_mixed(0), sq_means, _mixed(3), weight, weight_tensor, found_inf))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_opcheck_merge(k):
+    outs = [torch.full(s, float("nan")).to(FLOAT_DTYPES[i % 4]) for i, s in enumerate(SHAPES)]
+    inputs = [t for j in range(k) for t in _mixed(j + 1)]  # k-major
+    weights = (torch.randn(k, dtype=torch.float64)).tolist()
+    torch.library.opcheck(OPS.merge_.default, (outs, inputs, weights))
+
+
+@pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
+def test_opcheck_any_nonfinite(poison):
+    tensors = _mixed(0)
+    if poison is not None:
+        tensors[4].view(-1)[-1] = poison
+    torch.library.opcheck(OPS.any_nonfinite.default, (tensors,))
+
+
+def _ops_step(avg, sq, src, outs, inputs, weights, weight_tensor, found_inf):
+    """Every op once, the way a training step would chain them."""
+    OPS.lerp_(avg, src, 0.1, None, found_inf)
+    OPS.swag_(avg, sq, src, 0.0, weight_tensor, found_inf)
+    OPS.merge_(outs, inputs, weights)
+    return OPS.any_nonfinite(outs + avg)
+
+
+@pytest.mark.parametrize("flag", [0.0, 1.0])
+def test_compiled_fullgraph_matches_eager(flag):
+    avg, sq, src = _mixed(0), [t.abs() for t in _mixed(1)], _mixed(2)
+    outs = [torch.full(s, float("nan")).to(FLOAT_DTYPES[(i + 3) % 4]) for i, s in enumerate(SHAPES)]
+    inputs = _mixed(1) + _mixed(2)
+    weights = torch.randn(2, dtype=torch.float64).tolist()
+    weight_tensor, found_inf = torch.rand((), dtype=torch.float64), torch.tensor(flag)
+    args_eager = (avg, sq, src, outs, inputs, weights, weight_tensor, found_inf)
+    args_compiled = tuple(_clones(a) if isinstance(a, list) and isinstance(a[0], Tensor) else a
+                          for a in args_eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(_ops_step, fullgraph=True, backend="aot_eager")
+    flag_compiled = compiled(*args_compiled)
+    flag_eager = _ops_step(*args_eager)
+    assert torch.equal(flag_compiled, flag_eager)
+    for name, eager, comp in zip(("avg", "sq", "src", "outs", "inputs"), args_eager, args_compiled):
+        for i, (e, c) in enumerate(zip(eager, comp)):
+            assert c.dtype == e.dtype and torch.equal(c.nan_to_num(), e.nan_to_num()) \
+                and torch.equal(c.isnan(), e.isnan()), f"{name}[{i}] differs between compiled and eager"
+
+
+@pytest.mark.parametrize("call", ["lerp_", "swag_", "merge_"])
+def test_op_rejects_mismatched_lists_before_writing(call):
+    avg, src = _mixed(0), _mixed(1)
+    before = _clones(avg)
+    with pytest.raises(RuntimeError, match="differ in size|different lengths|inputs"):
+        if call == "lerp_":
+            OPS.lerp_(avg, src[:-1], 0.5, None, None)
+        elif call == "swag_":
+            OPS.swag_(avg, _clones(avg), src[::-1], 0.5, None, None)
+        else:
+            OPS.merge_(avg, src + src[:-1], [0.5, 0.5])
+    assert all(torch.equal(b, a) for b, a in zip(before, avg)), "a rejected call wrote into avg"
+
+
+def test_op_rejects_integer_outputs():
+    with pytest.raises(RuntimeError, match="written tensors must be"):
+        OPS.lerp_([torch.zeros(3, dtype=torch.int32)], [torch.randn(3)], 0.5, None, None)
