@@ -17,6 +17,8 @@ if os.environ.get("SWM_FUSED_NO_EXT") != "1":
                  and CUDA_HOME is not None)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     arch = os.environ.get("SWM_FUSED_CPU_ARCH", "native")
+    # No fp contraction: the kernels write their fmas explicitly (lerp, as torch does) and keep
+    # merge's multiply and add separate (as torch does), so results don't depend on the compiler.
     cxx_flags = ["-O3", "-g0", "-std=c++20", f"-march={arch}", "-ffp-contract=off", "-fopenmp"]
     extra_compile_args = {"cxx": cxx_flags}
     define_macros = []

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # Higher layers load on first use, so `import swm_fused` stays cheap.
 _LAZY = {
     "WeightAverager": "swm_fused.averager",
+    "EMAWarmup": "swm_fused.averager",
     "SWAG": "swm_fused.swag",
     "swa_utils": "swm_fused.swa_utils",
     "optim": "swm_fused.optim",

@@ -32,4 +32,4 @@ def _merge_fake(out: List[Tensor], inputs: List[Tensor], weights: List[float]) -
 
 @torch.library.register_fake("swm_fused::any_nonfinite")
 def _any_nonfinite_fake(tensors: List[Tensor]) -> Tensor:
-    return tensors[0].new_empty((1,), dtype=torch.float32)
+    return tensors[0].new_empty((), dtype=torch.float32)

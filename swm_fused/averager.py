@@ -110,14 +110,6 @@ def _average_dtype(dtype: Optional[torch.dtype], tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def _pinned(buffer: FlatBuffer) -> FlatBuffer:
-    """Move ``buffer``'s storages into page-locked memory (views rebuilt), so device copies can be async."""
-    buffer.storages = [storage.pin_memory() for storage in buffer.storages]
-    buffer.views = [buffer.storages[g].narrow(0, offset, shape.numel()).view(shape)
-                    for g, offset, shape in zip(buffer.group_of, buffer.offsets, buffer.shapes)]
-    return buffer
-
-
 class _DeviceGroup:
     """The average of the model tensors whose average lives on one device.
 
@@ -141,9 +133,8 @@ class _DeviceGroup:
         self.staging: Optional[FlatBuffer] = None
         self._cuda_sources = sorted({t.device.index for t in local if t.device.type == "cuda"})
         if any(t.device != device for t in local):
-            self.staging = FlatBuffer.zeros_like(local, device=device)
-            if device.type == "cpu" and self._cuda_sources:
-                self.staging = _pinned(self.staging)
+            pin = device.type == "cpu" and bool(self._cuda_sources)  # async device-to-host copies
+            self.staging = FlatBuffer.zeros_like(local, device=device, pin_memory=pin)
 
     def sources(self) -> Union[List[Tensor], FlatBuffer]:
         """The tensors to average in, on this group's device (offloading copies them over)."""
@@ -264,7 +255,7 @@ class WeightAverager:
         self._step += 1
         if self._step <= self.start or (self._step - self.start) % self.every:
             return False
-        decay = 0.0 if self._n_updates == 0 else self.current_decay()
+        decay = 0.0 if self._n_updates == 0 else self.decay_at(self._step)
         self._n_updates += 1
         sources = [group.sources() for group in self._groups]
         flags = self._nonfinite_flags(sources) if self.skip_nonfinite else [None] * len(self._groups)
@@ -279,11 +270,11 @@ class WeightAverager:
             self._skipped += flags[0] != 0
         return True
 
-    def current_decay(self) -> float:
-        """The EMA decay an update at the current step count uses (after the first, copying, update)."""
+    def decay_at(self, step: int) -> float:
+        """The EMA decay of an update at step number ``step`` (1-based), the first update's copy aside."""
         if self.warmup is None:
             return self.decay
-        return self.warmup.decay_at(self._step, self.decay)
+        return self.warmup.decay_at(step, self.decay)
 
     def _nonfinite_flags(self, sources: Sequence[Union[List[Tensor], FlatBuffer]]) -> List[Tensor]:
         """One found_inf flag per group; any NaN/Inf anywhere flags every group, so they stay consistent."""

@@ -25,12 +25,13 @@ class FlatBuffer:
     ``storages[group_of[i]]``. When every list given to an op is a FlatBuffer with
     the same layout, the op runs once per storage instead of once per tensor.
 
-    Build one with :meth:`from_tensors` (copies the values in) or :meth:`zeros_like`.
+    Build one with :meth:`from_tensors` (copies the values in) or :meth:`zeros_like`;
+    ``pin_memory=True`` puts host storages in page-locked memory (needs CUDA).
     Padding between views is zero-filled and only ever holds zeros or values the
     ops derive from zeros, so it never carries NaN/Inf of its own.
     """
 
-    def __init__(self, specs: Sequence[_Spec]):
+    def __init__(self, specs: Sequence[_Spec], *, pin_memory: bool = False):
         group_index: Dict[Tuple[torch.device, torch.dtype], int] = {}
         sizes: List[int] = []
         self.group_of: List[int] = []
@@ -46,8 +47,9 @@ class FlatBuffer:
             self.offsets.append(sizes[g])
             self.shapes.append(torch.Size(shape))
             sizes[g] += _round_up(torch.Size(shape).numel())
+        # page-locked host storages let device<->host copies run asynchronously
         self.storages: List[Tensor] = [
-            torch.zeros(size, dtype=dtype, device=device)
+            torch.zeros(size, dtype=dtype, device=device, pin_memory=pin_memory and device.type == "cpu")
             for (device, dtype), size in zip(group_index, sizes)
         ]
         self.views: List[Tensor] = [
@@ -57,16 +59,16 @@ class FlatBuffer:
 
     @classmethod
     def from_tensors(cls, tensors: Union[Tensor, Sequence[Tensor]], dtype: Optional[torch.dtype] = None,
-                     device: Optional[Union[str, torch.device]] = None) -> "FlatBuffer":
+                     device: Optional[Union[str, torch.device]] = None, *, pin_memory: bool = False) -> "FlatBuffer":
         """A FlatBuffer holding copies of ``tensors``, cast to ``dtype`` / moved to ``device`` if given."""
         tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
-        buf = cls.zeros_like(tensors, dtype=dtype, device=device)
+        buf = cls.zeros_like(tensors, dtype=dtype, device=device, pin_memory=pin_memory)
         buf.copy_(tensors)
         return buf
 
     @classmethod
     def zeros_like(cls, tensors: Union["FlatBuffer", Tensor, Sequence[Tensor]], dtype: Optional[torch.dtype] = None,
-                   device: Optional[Union[str, torch.device]] = None) -> "FlatBuffer":
+                   device: Optional[Union[str, torch.device]] = None, *, pin_memory: bool = False) -> "FlatBuffer":
         """A zero-filled FlatBuffer shaped like ``tensors`` (a list or another FlatBuffer)."""
         if isinstance(tensors, FlatBuffer):
             tensors = tensors.views
@@ -74,7 +76,7 @@ class FlatBuffer:
             tensors = [tensors]
         specs = [(t.shape, dtype or t.dtype, torch.device(device) if device is not None else t.device)
                  for t in tensors]
-        return cls(specs)
+        return cls(specs, pin_memory=pin_memory)
 
     @torch.no_grad()
     def copy_(self, tensors: Union["FlatBuffer", Sequence[Tensor]]) -> "FlatBuffer":

@@ -88,7 +88,7 @@ def _parse_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
 def _as_numbers(what: str, values: Union[Sequence[float], Tensor]) -> List[float]:
     if isinstance(values, Tensor):
         values = values.detach().cpu().reshape(-1).tolist()
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise TypeError(f"{what} must be a sequence of numbers, got {type(values).__name__}")
     numbers_ = []
     for k, value in enumerate(values):

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         if args.weights is None:
             parser.error("--method task-arithmetic requires --weights (one lambda per input)")
         if args.no_normalize:
-            parser.error("--no-normalize applies to --method linear only (task-arithmetic lambdas are never normalized)")
+            parser.error("--no-normalize applies to --method linear only "
+                         "(task-arithmetic lambdas are never normalized)")
     elif args.base is not None:
         parser.error("--base is only used with --method task-arithmetic")
 

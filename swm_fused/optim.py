@@ -110,7 +110,7 @@ class _AveragingOptimizer(Optimizer):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         for averager, state in zip(candidates, averages):
             if averager is not None:
-                pass
+                averager.load_state_dict(state)
         self._averagers = candidates
 
     def average_state_dict(self) -> Dict[str, Tensor]:
@@ -120,6 +120,13 @@ class _AveragingOptimizer(Optimizer):
         """
         return {f"{g}.{name}": tensor for g, averager in enumerate(self._averagers) if averager is not None
                 for name, tensor in averager.average_state_dict().items()}
+
+    # Optimizer's own pickling rebuilds param_groups/state as attributes; here they belong to self.optimizer.
+    def __getstate__(self) -> Dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optimizer!r})"
@@ -194,11 +201,13 @@ class SWA(_AveragingOptimizer):
 
     def update_swa(self) -> None:
         """Average the current weights of every param group in."""
+        self._check_not_swapped("update_swa")
         for index in range(len(self.param_groups)):
             self._averager(index).update()
 
     def update_swa_group(self, group: Dict[str, Any]) -> None:
         """Average the current weights of one param group (one of ``param_groups``) in."""
+        self._check_not_swapped("update_swa_group")
         for index, candidate in enumerate(self.param_groups):
             if candidate is group:
                 self._averager(index).update()

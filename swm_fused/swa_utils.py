@@ -207,6 +207,7 @@ class AveragedModel(Module):
             ``torch.float32`` for a bf16 model). The copy's floating parameters and
             buffers are cast to it, so its ``forward`` runs in this dtype. Your own
             ``avg_fn``/``multi_avg_fn`` then receive the model's tensors cast to it.
+            Kept as ``self.average_dtype``.
 
     ``n_averaged`` lives on ``device``, or on the device of the model copy's first
     parameter or buffer (torch puts it on the CPU when ``device`` is None), so the
@@ -269,15 +270,15 @@ class AveragedModel(Module):
 
         if self._first_update_done is None:
             self._first_update_done = bool(self.n_averaged != 0)  # one read after a load, not per update
-        with torch.no_grad():
-            if self._first_update_done:
-                self._average(averaged)
-            else:
-                for avg, src in averaged:
-                    avg.copy_(src)
-            for avg, src in synced:
+        # Every tensor here is detached, so no autograd mode is needed (torch sets none either).
+        if self._first_update_done:
+            self._average(averaged)
+        else:
+            for avg, src in averaged:
                 avg.copy_(src)
-            self.n_averaged += 1
+        for avg, src in synced:
+            avg.copy_(src)
+        self.n_averaged += 1
         self._first_update_done = True
 
     def _average(self, pairs: List[Tuple[Tensor, Tensor]]) -> None:

@@ -253,14 +253,14 @@ def test_any_nonfinite(poison, dtype, layout):
     tensors = [w_view(rand(w_shape(s), dtype)) for s in SIZES + (16385, 33)]
     if poison != "none":
         candidates = [t for t in tensors if t.numel()]
-        target = candidates[-3] if poison == "last" else random.choice(candidates)  # the 2^20+3 one for "last"
-        flat_index = target.numel() - 1 if poison == "last" else random.randrange(target.numel())
+        if poison == "last":  # the very last element of the largest tensor: the scalar tail of its last chunk
+            target = max(candidates, key=Tensor.numel)
+            flat_index = target.numel() - 1
+        else:
+            target = random.choice(candidates)
+            flat_index = random.randrange(target.numel())
         value = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "last": float("nan")}[poison]
-        target.view(-1)[flat_index] = value if target.is_contiguous() else value
-        if not target.is_contiguous():
-            target.flatten()  # no-op: non-contiguous targets are written through index_put below
-            idx = torch.unravel_index(torch.tensor(flat_index), target.shape)
-            target[idx] = value
+        target[torch.unravel_index(torch.tensor(flat_index), target.shape)] = value
     results = {}
     for backend in ("reference", "cuda"):
         with use_backend(backend):
@@ -273,13 +273,13 @@ def test_any_nonfinite(poison, dtype, layout):
 
 def test_any_nonfinite_many_tensors_and_exotic_dtype():
     tensors = [rand((random.randrange(0, 200),), random.choice(FLOAT_DTYPES)) for _ in range(5000)]
+    with_inf = rand((513,), torch.float32)
+    with_inf[511] = float("inf")
     with use_backend("cuda"):
         assert swm_fused.any_nonfinite(tensors).item() == 0.0
-        fp8 = rand((513,), torch.float32).to(torch.float8_e5m2)
-        fp8[511] = float("inf")
-        assert swm_fused.any_nonfinite(tensors + [fp8]).item() == 1.0
-        big = [t for t in tensors if t.numel()][-1]
-        big[-1] = float("nan")
+        assert swm_fused.any_nonfinite(tensors + [with_inf.to(torch.float8_e5m2)]).item() == 1.0
+        last_nonempty = [t for t in tensors if t.numel()][-1]
+        last_nonempty[-1] = float("nan")
         assert swm_fused.any_nonfinite(tensors).item() == 1.0
 
 
@@ -296,6 +296,8 @@ def test_no_host_sync():
 
     def sequence(backend: str, sync_mode: str) -> List[Tensor]:
         a, q, s, o = ([t.clone() for t in x] for x in (avgs, sqs, srcs, outs))
+        s_bad = [t.clone() for t in s]
+        s_bad[1][3] = float("nan")
         n = torch.tensor(3, device=DEVICE)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode(sync_mode)
@@ -306,10 +308,9 @@ def test_no_host_sync():
                 swm_fused.swa_(a, s, n, found_inf=flag)
                 swm_fused.swag_(a, q, s, n, found_inf=flag)
                 swm_fused.merge_(o, [a, s, q], [0.5, -0.25, 0.125])
-                s[1][3] = float("nan")  # now every averaging step must be skipped, still without a sync
-                flag = swm_fused.any_nonfinite(s)
-                swm_fused.ema_(a, s, 0.5, found_inf=flag)
-                swm_fused.swag_(a, q, s, n, found_inf=flag)
+                flag = swm_fused.any_nonfinite(s_bad)  # a NaN: these steps must be skipped, still without a sync
+                swm_fused.ema_(a, s_bad, 0.5, found_inf=flag)
+                swm_fused.swag_(a, q, s_bad, n, found_inf=flag)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return a + q + o

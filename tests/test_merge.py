@@ -392,6 +392,15 @@ def test_merge_files_task_arithmetic(tmp_path):
     assert json.loads(metadata["swm_fused.base_weight"]) == pytest.approx(1 - sum(lambdas))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_merge_files_on_cuda_matches_cpu(tmp_path):
+    sds, paths = make_inputs(tmp_path, 3, torch.bfloat16)
+    weights = random_weights(3, normalize=True)
+    M.merge_files(paths, tmp_path / "gpu.safetensors", weights, device="cuda", dtype="fp32")
+    tensors = in_order(read_output(tmp_path / "gpu.safetensors")[0], sds[0])
+    check_against_float64(tensors, sds, applied_weights(weights, 3, True), torch.float32)
+
+
 def test_merge_files_replaces_an_existing_output_and_shows_progress(tmp_path, capsys):
     sds, paths = make_inputs(tmp_path, 2)
     out = tmp_path / "merged.safetensors"
@@ -420,7 +429,7 @@ def test_merge_files_validates_before_writing(tmp_path):
         (dict(paths=[a, bad_shape], out_path=out), ValueError, r"'conv.weight'.*\[2, 3, 4\].*\[2, 3, 5\]"),
         (dict(paths=paths, out_path=out, weights=[1.0, 2.0]), ValueError, "2 weights for 3"),
         (dict(paths=[a, pt], out_path=a), ValueError, "would overwrite the input"),
-        (dict(paths=[a, pt], out_path=tmp_path / "." / a.name), ValueError, "would overwrite the input"),
+        (dict(paths=[a, pt], out_path=f"{tmp_path}/./{a.name}"), ValueError, "would overwrite the input"),
         (dict(paths=[link, pt], out_path=a), ValueError, "would overwrite the input"),
         (dict(paths=[a, sharded], out_path=shard), ValueError, "would overwrite the input"),
         (dict(paths=[a, tmp_path / "nope.pt"], out_path=out), FileNotFoundError, "nope.pt"),

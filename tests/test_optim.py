@@ -2,6 +2,7 @@
 LR schedulers (SWALR), GradScaler with inf steps, resume, param-group plumbing and bn_update."""
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 import math
@@ -120,10 +121,10 @@ def test_ema_wrapper_equals_hand_written_ema(dtype, warmup):
 
 
 @pytest.mark.parametrize("swa_lr", [None, 0.02])
-def test_swa_wrapper_auto_mode_equals_torchcontrib_semantics(swa_lr):
+@pytest.mark.parametrize("swa_start,swa_freq", [(4, 2), (5, 3)])  # (4, 2): step 4 is not yet averaged
+def test_swa_wrapper_auto_mode_equals_torchcontrib_semantics(swa_start, swa_freq, swa_lr):
     model, twin = twin_models()
     data = make_data()
-    swa_start, swa_freq = random.randrange(0, 5), random.randrange(1, 4)
     optimizer = SWA(torch.optim.SGD(param_groups(model), momentum=0.9), swa_start=swa_start,
                     swa_freq=swa_freq, swa_lr=swa_lr)
     plain = torch.optim.SGD(param_groups(twin), momentum=0.9)
@@ -274,7 +275,11 @@ def test_grad_scaler_skips_inf_steps_for_optimizer_and_average(kind):
             oracle = [torch.lerp(o, p, 0.3) for o, p in zip(oracle, current)]
         else:
             oracle = [o + (p - o) / taken for o, p in zip(oracle, current)]
-    assert scaler.get_scale() == scaler_ref.get_scale() < 2.0**10 * 2 ** 4
+    assert scaler.get_scale() == scaler_ref.get_scale()
+    if kind == "ema":
+        assert optimizer._averager(0).step == taken  # the skipped step is not counted
+    else:
+        assert [g["step_counter"] for g in optimizer.param_groups] == [taken, taken]
     assert_same_params(model, twin, "GradScaler")
     for avg, exp in zip(wrapper_averages(optimizer, model), oracle):
         assert_close(avg, exp, what=f"{kind} with GradScaler", **FP32_TOL)
@@ -426,3 +431,20 @@ def test_bn_update_weights_batches_by_size(with_targets):
     assert_close(model[1].running_mean, mean, what="running_mean", atol=1e-5, rtol=1e-5)
     assert_close(model[1].running_var, var, what="running_var", atol=1e-5, rtol=1e-5)
     SWA.bn_update(loader, make_mlp())  # no BatchNorm: nothing to do
+
+
+@pytest.mark.parametrize("kind", ["ema", "swa"])
+def test_deepcopy_of_model_and_wrapper_trains_identically_and_independently(kind):
+    model = make_mlp()
+    inner = torch.optim.SGD(param_groups(model), momentum=0.9)
+    optimizer = EMA(inner, decay=0.7) if kind == "ema" else SWA(inner, swa_start=0, swa_freq=1)
+    data = make_data()
+    for n in range(3):
+        train_step(model, optimizer, data[n])
+    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+    for n in range(3, 6):
+        train_step(model, optimizer, data[n % BATCHES])
+        train_step(model_copy, optimizer_copy, data[n % BATCHES])
+    assert_same_params(model_copy, model, "deep copy")
+    for a, b in zip(wrapper_averages(optimizer_copy, model_copy), wrapper_averages(optimizer, model)):
+        assert torch.equal(bits(a), bits(b)) and a.data_ptr() != b.data_ptr()

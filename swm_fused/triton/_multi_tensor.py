@@ -34,6 +34,10 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+ALIGN = tl.constexpr(16)
+"""A group whose addresses are all 16-byte aligned and whose sizes are all multiples of ALIGN
+elements (FlatBuffer storages always are) gets alignment hints, hence 16-byte vector loads on GPUs."""
+
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
                  torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -41,7 +45,7 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
 
 @triton.jit
 def chunk_tile(tensor_table, chunk_table, n_chunks, ROW_WIDTH: tl.constexpr, ROWS: tl.constexpr,
-               BLOCK: tl.constexpr):
+               BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's tile: tensor-table row addresses [ROWS], element offsets and mask [ROWS, BLOCK]."""
     chunk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     valid = chunk < n_chunks
@@ -49,23 +53,55 @@ def chunk_tile(tensor_table, chunk_table, n_chunks, ROW_WIDTH: tl.constexpr, ROW
     tensor = entry >> 32
     row = tensor_table + tensor * ROW_WIDTH
     numel = tl.load(row + (ROW_WIDTH - 1))
+    if ALIGNED:  # the mask is then constant over runs of ALIGN elements, so loads can be vectorised
+        numel = tl.multiple_of(numel, ALIGN)
     offsets = (entry - (tensor << 32))[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     mask = valid[:, None] & (offsets < numel[:, None])
     return row, offsets, mask
 
 
 @triton.jit
-def load_column(row, index, offsets, mask, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
-    """Pointers [ROWS, BLOCK] into the tensors of table column ``index`` (element type ``DTYPE``),
-    and the values there converted to ``COMPUTE``; masked lanes hold garbage that is never stored."""
-    ptrs = tl.load(row + index).to(tl.pointer_type(DTYPE))[:, None] + offsets
+def as_pointer(address, DTYPE: tl.constexpr):
+    """int64 ``address`` as a pointer to ``DTYPE``. Spelled out per type because Triton 3.1's
+    tl.pointer_type rejects a constexpr element type."""
+    if DTYPE == tl.float32:
+        ptr = address.to(tl.pointer_type(tl.float32))
+    elif DTYPE == tl.float64:
+        ptr = address.to(tl.pointer_type(tl.float64))
+    elif DTYPE == tl.bfloat16:
+        ptr = address.to(tl.pointer_type(tl.bfloat16))
+    elif DTYPE == tl.float16:
+        ptr = address.to(tl.pointer_type(tl.float16))
+    elif DTYPE == tl.int16:
+        ptr = address.to(tl.pointer_type(tl.int16))
+    elif DTYPE == tl.int32:
+        ptr = address.to(tl.pointer_type(tl.int32))
+    else:
+        tl.static_assert(DTYPE == tl.int64)
+        ptr = address.to(tl.pointer_type(tl.int64))
+    return ptr
+
+
+@triton.jit
+def column_ptrs(row, index, offsets, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers [ROWS, BLOCK] to the tile's elements of the tensors in table column ``index``."""
+    address = tl.load(row + index)
+    if ALIGNED:  # hint the loaded integer: a hint on a helper's return value is lost when it is inlined
+        address = tl.multiple_of(address, 16)
+    return as_pointer(address, DTYPE)[:, None] + offsets
+
+
+@triton.jit
+def load_column(row, index, offsets, mask, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The tile's elements of table column ``index`` (element type ``DTYPE``) converted to ``COMPUTE``;
+    masked lanes hold garbage that is never stored."""
+    ptrs = column_ptrs(row, index, offsets, DTYPE, ALIGNED)
     if DTYPE == tl.bfloat16:
         # bf16 -> fp32 is a 16-bit shift; the interpreter's generic float conversion is far slower.
         bits = tl.load(ptrs.to(tl.pointer_type(tl.uint16)), mask=mask).to(tl.uint32) << 16
-        values = bits.to(tl.float32, bitcast=True).to(COMPUTE)
+        return bits.to(tl.float32, bitcast=True).to(COMPUTE)
     else:
-        values = tl.load(ptrs, mask=mask).to(COMPUTE)
-    return ptrs, values
+        return tl.load(ptrs, mask=mask).to(COMPUTE)
 
 
 @triton.jit
@@ -86,8 +122,10 @@ def lerp_fma(a, s, w):
 
 
 @triton.jit
-def store_rounded(ptrs, value, mask, DTYPE: tl.constexpr):
-    """Store ``value`` rounded once to ``DTYPE`` (round to nearest even)."""
+def store_column(row, index, offsets, mask, value, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Store ``value`` into the tile's elements of table column ``index``, rounded once to ``DTYPE``
+    (round to nearest even)."""
+    ptrs = column_ptrs(row, index, offsets, DTYPE, ALIGNED)
     if DTYPE == tl.bfloat16:
         # Explicit RTNE on the bits, as c10::BFloat16 does: the interpreter's float->bf16 cast truncates.
         bits = value.to(tl.uint32, bitcast=True)
@@ -121,6 +159,7 @@ class Launch:
     n_chunks: int
     rows: int
     block: int
+    aligned: bool
 
     @property
     def grid(self) -> Tuple[int]:
@@ -224,7 +263,8 @@ def build_launch(columns: Sequence[Sequence[Tensor]], extras: Sequence[int] = ()
     device_buffer = _upload(buffer, device)
     tensor_table, chunk_table, extras_table = (
         device_buffer[bounds[i]:bounds[i] + len(s)] for i, s in enumerate(sections))
-    launch = Launch(tensor_table, chunk_table, extras_table, n_chunks, TILE // block, block)
+    aligned = bool((words[:, :-1] % 16 == 0).all() and (sizes % ALIGN.value == 0).all())
+    launch = Launch(tensor_table, chunk_table, extras_table, n_chunks, TILE // block, block, aligned)
     _launch_cache[key] = launch
     if len(_launch_cache) > _CACHE_ENTRIES:
         _launch_cache.popitem(last=False)

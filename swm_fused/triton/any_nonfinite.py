@@ -26,9 +26,10 @@ _EXPONENT_BITS = {
 
 @triton.jit
 def _any_nonfinite_kernel(tensor_table, chunk_table, n_chunks, flag_ptr, BITS: tl.constexpr,
-                          EXPONENT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, 2, ROWS, BLOCK)
-    _, bits = load_column(row, 0, offsets, mask, BITS, BITS)
+                          EXPONENT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                          ALIGNED: tl.constexpr):
+    row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, 2, ROWS, BLOCK, ALIGNED)
+    bits = load_column(row, 0, offsets, mask, BITS, BITS, ALIGNED)
     nonfinite = (((bits & EXPONENT) == EXPONENT) & mask).to(tl.int32)
     # Programs that find one all store the same value, so they need no ordering.
     tl.store(flag_ptr, 1.0, mask=tl.max(tl.max(nonfinite, axis=1), axis=0) > 0)
@@ -46,5 +47,5 @@ def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
         bits, exponent = _EXPONENT_BITS[dtype]
         _any_nonfinite_kernel[launch.grid](
             launch.tensor_table, launch.chunk_table, launch.n_chunks, flag, BITS=bits, EXPONENT=exponent,
-            ROWS=launch.rows, BLOCK=launch.block, **LAUNCH_OPTIONS)
+            ROWS=launch.rows, BLOCK=launch.block, ALIGNED=launch.aligned, **LAUNCH_OPTIONS)
     return flag

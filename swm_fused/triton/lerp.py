@@ -12,23 +12,23 @@ from torch import Tensor
 
 from ._multi_tensor import (LAUNCH_OPTIONS, TRITON_DTYPES, build_launch, chunk_tile, compute_dtype,
                             contiguous_operands, copy_back, float_bits, group_positions, lerp_fma,
-                            load_column, scalar_weight, store_rounded)
+                            load_column, scalar_weight, store_column)
 
 
 @triton.jit(do_not_specialize=["weight_bits"])
 def _lerp_kernel(tensor_table, chunk_table, n_chunks, weight_bits, weight_ptr, found_inf_ptr,
                  AVG: tl.constexpr, SRC: tl.constexpr, COMPUTE: tl.constexpr,
                  HAS_WEIGHT_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                 ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, 3, ROWS, BLOCK)
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, 3, ROWS, BLOCK, ALIGNED)
     if HAS_FOUND_INF:
         # A flagged step loads and stores nothing. The flag is loaded as a [1, 1] block: the
         # interpreter mistypes a broadcast scalar comparison (bool data tagged as float).
         mask = mask & (tl.load(found_inf_ptr + tl.zeros([1, 1], dtype=tl.int32)) == 0)
     weight = scalar_weight(weight_bits, weight_ptr, HAS_WEIGHT_TENSOR, COMPUTE)
-    avg_ptrs, avg = load_column(row, 0, offsets, mask, AVG, COMPUTE)
-    _, src = load_column(row, 1, offsets, mask, SRC, COMPUTE)
-    store_rounded(avg_ptrs, lerp_fma(avg, src, weight), mask, AVG)
+    avg = load_column(row, 0, offsets, mask, AVG, COMPUTE, ALIGNED)
+    src = load_column(row, 1, offsets, mask, SRC, COMPUTE, ALIGNED)
+    store_column(row, 0, offsets, mask, lerp_fma(avg, src, weight), AVG, ALIGNED)
 
 
 def lerp_(avgs: Sequence[Tensor], srcs: Sequence[Tensor], weight: float,
@@ -49,5 +49,5 @@ def lerp_(avgs: Sequence[Tensor], srcs: Sequence[Tensor], weight: float,
             launch.tensor_table if found_inf is None else found_inf,
             AVG=TRITON_DTYPES[avg_dtype], SRC=TRITON_DTYPES[src_dtype], COMPUTE=compute_dtype(avg_dtype),
             HAS_WEIGHT_TENSOR=weight_tensor is not None, HAS_FOUND_INF=found_inf is not None,
-            ROWS=launch.rows, BLOCK=launch.block, **LAUNCH_OPTIONS)
+            ROWS=launch.rows, BLOCK=launch.block, ALIGNED=launch.aligned, **LAUNCH_OPTIONS)
     copy_back(copy_backs)

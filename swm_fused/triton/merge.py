@@ -15,37 +15,37 @@ from torch import Tensor
 
 from ._multi_tensor import (LAUNCH_OPTIONS, TRITON_DTYPES, build_launch, chunk_tile, compute_dtype,
                             contiguous_operands, copy_back, float_bits, group_positions, load_column,
-                            store_rounded)
+                            store_column)
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 @triton.jit
-def _weighted_input(row, offsets, mask, extras, k, K: tl.constexpr, COMPUTE: tl.constexpr):
+def _weighted_input(row, offsets, mask, extras, k, K: tl.constexpr, COMPUTE: tl.constexpr,
+                    ALIGNED: tl.constexpr):
     """weights[k] * inputs[k] over the tile, in the compute type (the input's dtype is a runtime code)."""
     weight = tl.load(extras + k).to(tl.float64, bitcast=True).to(COMPUTE)
     code = tl.load(extras + K + k)
     if code == 0:
-        _, x = load_column(row, 1 + k, offsets, mask, tl.float32, COMPUTE)
+        x = load_column(row, 1 + k, offsets, mask, tl.float32, COMPUTE, ALIGNED)
     elif code == 1:
-        _, x = load_column(row, 1 + k, offsets, mask, tl.float64, COMPUTE)
+        x = load_column(row, 1 + k, offsets, mask, tl.float64, COMPUTE, ALIGNED)
     elif code == 2:
-        _, x = load_column(row, 1 + k, offsets, mask, tl.bfloat16, COMPUTE)
+        x = load_column(row, 1 + k, offsets, mask, tl.bfloat16, COMPUTE, ALIGNED)
     else:
-        _, x = load_column(row, 1 + k, offsets, mask, tl.float16, COMPUTE)
+        x = load_column(row, 1 + k, offsets, mask, tl.float16, COMPUTE, ALIGNED)
     return weight * x
 
 
 @triton.jit
 def _merge_kernel(tensor_table, chunk_table, n_chunks, extras, K: tl.constexpr, OUT: tl.constexpr,
-                  COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, K + 2, ROWS, BLOCK)
-    acc = _weighted_input(row, offsets, mask, extras, 0, K, COMPUTE)
+                  COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, K + 2, ROWS, BLOCK, ALIGNED)
+    acc = _weighted_input(row, offsets, mask, extras, 0, K, COMPUTE, ALIGNED)
     for k in range(1, K):
-        acc = acc + _weighted_input(row, offsets, mask, extras, k, K, COMPUTE)
+        acc = acc + _weighted_input(row, offsets, mask, extras, k, K, COMPUTE, ALIGNED)
     # Every input of these elements has been read, so `out` may be one of the inputs.
-    out_ptrs = tl.load(row).to(tl.pointer_type(OUT))[:, None] + offsets
-    store_rounded(out_ptrs, acc, mask, OUT)
+    store_column(row, 0, offsets, mask, acc, OUT, ALIGNED)
 
 
 def merge_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]], weights: Sequence[float]) -> None:
@@ -65,5 +65,5 @@ def merge_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]], weights: 
         _merge_kernel[launch.grid](
             launch.tensor_table, launch.chunk_table, launch.n_chunks, launch.extras, K=len(inputs),
             OUT=TRITON_DTYPES[out_dtype], COMPUTE=compute_dtype(out_dtype),
-            ROWS=launch.rows, BLOCK=launch.block, **LAUNCH_OPTIONS)
+            ROWS=launch.rows, BLOCK=launch.block, ALIGNED=launch.aligned, **LAUNCH_OPTIONS)
     copy_back(copy_backs)

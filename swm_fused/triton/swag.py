@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._multi_tensor import (LAUNCH_OPTIONS, TRITON_DTYPES, build_launch, chunk_tile, compute_dtype,
                             contiguous_operands, copy_back, float_bits, group_positions, lerp_fma,
-                            load_column, scalar_weight, store_rounded)
+                            load_column, scalar_weight, store_column)
 
 
 @triton.jit(do_not_specialize=["weight_bits"])
@@ -21,20 +21,20 @@ def _swag_kernel(tensor_table, chunk_table, n_chunks, weight_bits, weight_ptr, f
                  MEAN: tl.constexpr, SQ_MEAN: tl.constexpr, SRC: tl.constexpr,
                  MEAN_COMPUTE: tl.constexpr, SQ_COMPUTE: tl.constexpr, SRC_COMPUTE: tl.constexpr,
                  HAS_WEIGHT_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                 ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, 4, ROWS, BLOCK)
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    row, offsets, mask = chunk_tile(tensor_table, chunk_table, n_chunks, 4, ROWS, BLOCK, ALIGNED)
     if HAS_FOUND_INF:
         # A flagged step loads and stores nothing. The flag is loaded as a [1, 1] block: the
         # interpreter mistypes a broadcast scalar comparison (bool data tagged as float).
         mask = mask & (tl.load(found_inf_ptr + tl.zeros([1, 1], dtype=tl.int32)) == 0)
-    mean_ptrs, mean = load_column(row, 0, offsets, mask, MEAN, MEAN_COMPUTE)
-    sq_ptrs, sq_mean = load_column(row, 1, offsets, mask, SQ_MEAN, SQ_COMPUTE)
-    _, src = load_column(row, 2, offsets, mask, SRC, SRC_COMPUTE)  # exact; rounded to each moment's type below
+    mean = load_column(row, 0, offsets, mask, MEAN, MEAN_COMPUTE, ALIGNED)
+    sq_mean = load_column(row, 1, offsets, mask, SQ_MEAN, SQ_COMPUTE, ALIGNED)
+    src = load_column(row, 2, offsets, mask, SRC, SRC_COMPUTE, ALIGNED)  # exact; each moment rounds it below
     mean_weight = scalar_weight(weight_bits, weight_ptr, HAS_WEIGHT_TENSOR, MEAN_COMPUTE)
     sq_weight = scalar_weight(weight_bits, weight_ptr, HAS_WEIGHT_TENSOR, SQ_COMPUTE)
     sq_src = src.to(SQ_COMPUTE)
-    store_rounded(mean_ptrs, lerp_fma(mean, src.to(MEAN_COMPUTE), mean_weight), mask, MEAN)
-    store_rounded(sq_ptrs, lerp_fma(sq_mean, sq_src * sq_src, sq_weight), mask, SQ_MEAN)
+    store_column(row, 0, offsets, mask, lerp_fma(mean, src.to(MEAN_COMPUTE), mean_weight), MEAN, ALIGNED)
+    store_column(row, 1, offsets, mask, lerp_fma(sq_mean, sq_src * sq_src, sq_weight), SQ_MEAN, ALIGNED)
 
 
 def swag_(means: Sequence[Tensor], sq_means: Sequence[Tensor], srcs: Sequence[Tensor], weight: float,
@@ -60,5 +60,5 @@ def swag_(means: Sequence[Tensor], sq_means: Sequence[Tensor], srcs: Sequence[Te
             MEAN_COMPUTE=compute_dtype(mean_dtype), SQ_COMPUTE=compute_dtype(sq_dtype),
             SRC_COMPUTE=tl.float64 if torch.float64 in (mean_dtype, sq_dtype) else tl.float32,
             HAS_WEIGHT_TENSOR=weight_tensor is not None, HAS_FOUND_INF=found_inf is not None,
-            ROWS=launch.rows, BLOCK=launch.block, **LAUNCH_OPTIONS)
+            ROWS=launch.rows, BLOCK=launch.block, ALIGNED=launch.aligned, **LAUNCH_OPTIONS)
     copy_back(copy_backs)
