@@ -108,9 +108,8 @@ def run(case: Dict, backend: str, found_inf: Optional[Tensor] = None) -> Dict:
             swm_fused.swag_(views["avg"], views["sq"], views["src"], torch.tensor(c["n"], device=DEVICE),
                             found_inf=found_inf)
         else:
-            inputs = [[r_view(t) for t in x] for x in c["inputs"]]
-            if c["alias"] is not None:
-                inputs[c["alias"]] = views["out"]  # the same view objects: a true in-place merge
+            # inputs[alias] gets out's very view objects: a true in-place merge
+            inputs = [views["out"] if k == c["alias"] else [r_view(t) for t in x] for k, x in enumerate(c["inputs"])]
             swm_fused.merge_(views["out"], inputs, c["weights"])
     return c
 

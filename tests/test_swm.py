@@ -176,14 +176,14 @@ class Digits:
         torch.manual_seed(init_seed)
         return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
-    def train(self, init_seed: int, order_seed: int, epochs: int = 5) -> Dict[str, Tensor]:
+    def train(self, init_seed: int, order_seed: int, epochs: int = 4, batch_size: int = 64) -> Dict[str, Tensor]:
         model = self.make_model(init_seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         order = torch.Generator().manual_seed(order_seed)
         for _ in range(epochs):
             perm = torch.randperm(len(self.x_train), generator=order)
-            for i in range(0, len(perm), 32):
-                batch = perm[i:i + 32]
+            for i in range(0, len(perm), batch_size):
+                batch = perm[i:i + batch_size]
                 loss = nn.functional.cross_entropy(model(self.x_train[batch]), self.y_train[batch])
                 optimizer.zero_grad()
                 loss.backward()
@@ -197,25 +197,29 @@ class Digits:
         return nn.functional.cross_entropy(self.eval_model(self.x_test), self.y_test).item()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: extra threads only add overhead (3x the CPU time with 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def digits_runs():
+def digits_runs(one_thread):
     """Runs A and B share an init and differ in data order; run C has its own init.
 
     Seeds are fresh each session (printed for replay). Over 20 seeds while choosing these
-    settings, A-B barriers were 0 (the loss stays under the chord) and A-C barriers 0.56 to 0.96
-    nats, against the 0.02 default threshold.
+    settings, A-B barriers were 0 (the loss stays under the chord) and A-C barriers 0.51 or
+    more (nats of held-out cross-entropy), against the 0.02 default threshold.
     """
     seed = int(os.environ.get("SWM_FUSED_TEST_SEED", random.randrange(2 ** 31)))
     print(f"digits seed={seed}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead
     rng = random.Random(seed)
     init_a, init_c, order_a, order_b = (rng.randrange(2 ** 31) for _ in range(4))
-    try:
-        data = Digits(seed)
-        runs = {"A": data.train(init_a, order_a), "B": data.train(init_a, order_b), "C": data.train(init_c, order_a)}
-    finally:
-        torch.set_num_threads(threads)
+    data = Digits(seed)
+    runs = {"A": data.train(init_a, order_a), "B": data.train(init_a, order_b), "C": data.train(init_c, order_a)}
     return data, runs
 
 
@@ -225,7 +229,7 @@ def test_shared_init_has_a_low_barrier_and_different_inits_a_high_one(digits_run
     different = interpolation_barrier(runs["A"], runs["C"], data.loss)
     assert same.losses[0] == pytest.approx(data.loss(runs["A"]), rel=1e-6)
     assert different.losses[-1] == pytest.approx(data.loss(runs["C"]), rel=1e-6)
-    assert max(same.losses[0], same.losses[-1], different.losses[-1]) < 0.5, "training failed"
+    assert max(same.losses[0], same.losses[-1], different.losses[-1]) < 1.0, "training failed (chance: 2.3)"
     assert same.barrier <= DEFAULT_BARRIER_THRESHOLD / 2, same
     assert different.barrier >= 0.2, different
     # The merge of the shared-init runs is as good as its parts; the other merge is not.
