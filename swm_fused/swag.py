@@ -28,7 +28,8 @@ class SWAG:
     ``model.named_parameters()``, frozen ones included), reads them in :meth:`collect` and writes
     into them in :meth:`sample`. All parameters must live on one device; the fp32 buffers
     (``mean``, ``sq_mean`` and the ``[max_rank, N]`` deviation ring) are allocated there, so
-    memory is ``(2 + max_rank) * 4`` bytes per parameter element. Buffers such as BatchNorm
+    memory is ``(2 + max_rank) * 4`` bytes per parameter element. Build SWAG after moving the
+    model to its device: the buffers stay where the parameters were. Buffers such as BatchNorm
     statistics are not modelled; recompute them after :meth:`sample` (e.g. with
     ``torch.optim.swa_utils.update_bn``), as the paper does.
 
@@ -120,8 +121,8 @@ class SWAG:
         in use, and ``z1 ~ N(0, I_N)``, ``z2 ~ N(0, I_K)`` drawn in that order. The sample's
         covariance is ``scale * (diag(var) + D^T D / (K - 1))``. The authors' code divides by
         ``max_num_models - 1``, which equals ``K - 1`` once the ring is full. ``diag_only`` drops
-        the low-rank term, and so does ``K < 2``, where ``K - 1`` rows carry no spread (the
-        first deviation is always zero).
+        the low-rank term, and so does ``K < 2``: ``K - 1`` is then 0, and the single row is
+        zero anyway (the first model is its own mean).
 
         Args:
             scale: covariance scale (the paper uses 0.5).
@@ -209,6 +210,8 @@ class SWAG:
         if max_rank != self.max_rank:
             raise ValueError(f"{where}: state has max_rank={max_rank} but this SWAG has max_rank={self.max_rank}")
         var_clamp = _check_var_clamp(where, state_dict["var_clamp"])
+        if not isinstance(state_dict["names"], (list, tuple)):
+            raise TypeError(f"{where}: names must be a list of parameter names")
         names = list(state_dict["names"])
         if names != self._names:
             theirs, ours = set(names), set(self._names)

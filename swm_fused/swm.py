@@ -210,7 +210,7 @@ def merge_trajectories(averages: Sequence[Trajectory], weights: Union[str, Seque
             raise ValueError(f"{where}: weights must be 'uniform', 'greedy' or a list of numbers, got {weights!r}")
         if weights == "greedy" and eval_fn is None:
             raise ValueError(f"{where}: weights='greedy' needs eval_fn (state_dict -> loss, lower is better)")
-    elif isinstance(weights, Tensor) and weights.dim() == 1 or isinstance(weights, Sequence):
+    elif (isinstance(weights, Tensor) and weights.dim() == 1) or isinstance(weights, Sequence):
         if len(weights) != len(averages):
             raise ValueError(f"{where}: got {len(weights)} weights for {len(averages)} trajectories")
     else:
@@ -229,11 +229,12 @@ def merge_trajectories(averages: Sequence[Trajectory], weights: Union[str, Seque
     if eval_fn is not None and barrier_threshold is not None:
         _warn_on_barriers(state_dicts, eval_fn, float(barrier_threshold), barrier_steps)
 
-    if isinstance(weights, str) and weights == "uniform":
+    if isinstance(weights, str):
+        if weights == "greedy":  # greedy_soup maximises a score: hand it the negated loss
+            soup, _ = greedy_soup(state_dicts, lambda sd: -_loss(eval_fn, sd, "a greedy-soup candidate"),
+                                  dtype=dtype)
+            return soup
         return merge_state_dicts(state_dicts, None, dtype=dtype)
-    if isinstance(weights, str):  # "greedy"
-        soup, _ = greedy_soup(state_dicts, lambda sd: -_loss(eval_fn, sd, "a greedy-soup candidate"), dtype=dtype)
-        return soup
     return merge_state_dicts(state_dicts, weights, normalize=normalize, dtype=dtype)
 
 

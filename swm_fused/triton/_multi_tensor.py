@@ -61,9 +61,12 @@ def chunk_tile(tensor_table, chunk_table, n_chunks, ROW_WIDTH: tl.constexpr, ROW
 
 
 @triton.jit
-def as_pointer(address, DTYPE: tl.constexpr):
-    """int64 ``address`` as a pointer to ``DTYPE``. Spelled out per type because Triton 3.1's
-    tl.pointer_type rejects a constexpr element type."""
+def as_pointer(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """int64 ``address`` as a pointer to ``DTYPE``, hinted 16-byte aligned if ``ALIGNED``.
+
+    Spelled out per type because Triton 3.1's tl.pointer_type rejects a constexpr element type.
+    The hint is set here, on the cast itself: Triton 3.6 drops hints set on a helper's return
+    value or on the integer before the cast."""
     if DTYPE == tl.float32:
         ptr = address.to(tl.pointer_type(tl.float32))
     elif DTYPE == tl.float64:
@@ -79,16 +82,15 @@ def as_pointer(address, DTYPE: tl.constexpr):
     else:
         tl.static_assert(DTYPE == tl.int64)
         ptr = address.to(tl.pointer_type(tl.int64))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
     return ptr
 
 
 @triton.jit
 def column_ptrs(row, index, offsets, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Pointers [ROWS, BLOCK] to the tile's elements of the tensors in table column ``index``."""
-    address = tl.load(row + index)
-    if ALIGNED:  # hint the loaded integer: a hint on a helper's return value is lost when it is inlined
-        address = tl.multiple_of(address, 16)
-    return as_pointer(address, DTYPE)[:, None] + offsets
+    return as_pointer(tl.load(row + index), DTYPE, ALIGNED)[:, None] + offsets
 
 
 @triton.jit
