@@ -16,6 +16,13 @@ Example::
         averager.update()
     with averager.swapped():          # the model now holds the average
         evaluate(model)
+
+Sharded models (FSDP2 ``fully_shard``, DTensor parameters): each rank averages
+its own shards, with no communication in ``update()``; ``swapped()`` and
+``copy_to`` write the shards; ``state_dict()`` holds the average as DTensors laid
+out like the parameters, so ``torch.distributed.checkpoint`` saves it and
+reshards it on load. Replicated (DDP) models need nothing special: each rank
+averages its replica.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .distributed import local_shard
 from .flat import FlatBuffer
 from .ops import any_nonfinite, ema_, swa_
 
@@ -79,12 +87,69 @@ class EMAWarmup:
 
 
 def _local_tensor(tensor: Tensor) -> Tensor:
-    """The tensor this process averages for a model tensor.
+    """The tensor this process averages for a model tensor: a DTensor's local shard, else the tensor.
 
-    Every access to the model's tensors goes through here, so sharded parameters
-    (DTensor under FSDP2: average the local shard) need a change in this one place.
+    Every access to the model's tensors goes through here. The shard is looked up
+    each time because FSDP2 may rebind a parameter's local tensor.
     """
-    return tensor
+    return local_shard(tensor)
+
+
+def _dtensor_type() -> Optional[type]:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    return DTensor
+
+
+def _fsdp_modules(model: ModelLike) -> List[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules inside ``model``."""
+    if not isinstance(model, nn.Module) or not torch.distributed.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch 2.5 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import FSDPModule
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def _reshard(modules: Sequence[nn.Module]) -> None:
+    """Put FSDP2's sharded parameters back in place (local, no communication).
+
+    After a forward without backward FSDP2 keeps the root's parameters unsharded
+    and the next forward reuses them, so writes into the shards would go unseen.
+    """
+    for module in modules:
+        module.reshard()
+
+
+def _model_layout(average: Tensor, tensor: Tensor) -> Tensor:
+    """``average`` (this rank's part) laid out like the model tensor: a DTensor wrapping it, without
+    copying or communicating, when ``tensor`` is a DTensor; ``average`` itself otherwise."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return average
+    return dtensor.from_local(average, tensor.device_mesh, tensor.placements, run_check=False,
+                              shape=tensor.shape, stride=tensor.stride())
+
+
+def _part_for(source: Tensor, tensor: Tensor) -> Tensor:
+    """The part of ``source`` (a full tensor or a DTensor) that this rank holds of ``tensor``.
+
+    Shards with the same layout are used as they are; other layouts are redistributed,
+    gathered (a plain ``tensor``, every rank must call) or sliced locally (a plain ``source``).
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return source
+    if isinstance(tensor, dtensor):
+        if not isinstance(source, dtensor):
+            from torch.distributed.tensor import distribute_tensor
+            return distribute_tensor(source, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+        if source.device_mesh != tensor.device_mesh or tuple(source.placements) != tuple(tensor.placements):
+            source = source.redistribute(tensor.device_mesh, tensor.placements)
+        return source.to_local()
+    return source.full_tensor() if isinstance(source, dtensor) else source
 
 
 def _named_tensors(model: ModelLike, include_buffers: bool, what: str) -> List[Tuple[str, Tensor]]:
@@ -187,6 +252,7 @@ class WeightAverager:
             latest value), as ``AveragedModel(use_buffers=True)`` does.
         skip_nonfinite: an update whose tensors hold NaN/Inf leaves the average
             untouched and counts in :attr:`skipped`; checked on the device, no host sync.
+            With sharded parameters each rank checks only its own shards (no communication).
 
     The first applied update copies the weights in both modes (``AveragedModel``,
     torchcontrib SWA and ``ModelEmaV3.update(model, step=n)`` all do). Until then the
@@ -216,6 +282,8 @@ class WeightAverager:
             raise TypeError(f"WeightAverager: warmup must be an EMAWarmup, a dict or None, got {type(warmup).__name__}")
         if warmup is not None and mode != "ema":
             raise ValueError("WeightAverager: warmup only applies to mode='ema'")
+        self._fsdp_modules = _fsdp_modules(model)
+        _reshard(self._fsdp_modules)  # so named_parameters() yields the sharded parameters
         named = _named_tensors(model, include_buffers, "WeightAverager: model")
         if not named:
             raise ValueError("WeightAverager: the model has no tensors to average")
@@ -305,6 +373,7 @@ class WeightAverager:
         """Save the training weights, then write the average (cast to the model's dtypes) into the model."""
         if self._stash is not None:
             raise RuntimeError("WeightAverager: the average is already swapped into the model")
+        _reshard(self._fsdp_modules)
         live, average = self._live_and_average()
         self._stash = FlatBuffer.from_tensors(live)
         try:
@@ -318,6 +387,7 @@ class WeightAverager:
         """Restore the training weights saved by :meth:`_swap_in`, bit for bit."""
         if self._stash is None:
             raise RuntimeError("WeightAverager: the average is not swapped into the model")
+        _reshard(self._fsdp_modules)
         live, _ = self._live_and_average()
         torch._foreach_copy_(live, self._stash.views)
         self._stash = None
@@ -340,21 +410,29 @@ class WeightAverager:
         """Write the average into ``model`` (paired by name, cast to its dtypes).
 
         ``model`` must have exactly the averaged names with the same shapes;
-        otherwise ValueError, and nothing is written.
+        otherwise ValueError, and nothing is written. Sharded tensors are written
+        shard to shard; a plain tensor that receives a sharded average gathers it
+        (a collective: call ``copy_to`` on every rank).
         """
+        _reshard(_fsdp_modules(model))
         targets = dict(_named_tensors(model, self.include_buffers, "copy_to: model"))
         self._check_names_and_shapes("copy_to", {n: t.shape for n, t in targets.items()})
-        for name, view in self.average_state_dict().items():
-            _local_tensor(targets[name]).copy_(view)
+        average = self.average_state_dict()
+        self._check_meshes("copy_to", {name: (average[name], targets[name]) for name in self._names})
+        for name, tensor in average.items():
+            _local_tensor(targets[name]).copy_(_part_for(tensor, targets[name]))
 
     def average_state_dict(self) -> Dict[str, Tensor]:
         """Name -> averaged tensor, in the average's dtype and device (views into the live average).
 
         Holds the parameters, plus the buffers when ``include_buffers`` (integer
-        buffers: their latest value). Clone the tensors to keep a snapshot.
+        buffers: their latest value). Clone the tensors to keep a snapshot. For a
+        sharded (DTensor) model tensor the entry is a DTensor with the parameter's
+        mesh, placements and global shape, wrapping this rank's part of the average.
         """
-        views = {name: view for group in self._groups for name, view, _ in group.named_views()}
-        return {name: views[name] for name in self._names}
+        laid_out = {name: _model_layout(view, tensor)
+                    for group in self._groups for name, view, tensor in group.named_views()}
+        return {name: laid_out[name] for name in self._names}
 
     # ------------------------------------------------------------------ counters
     @property
@@ -386,7 +464,14 @@ class WeightAverager:
     def state_dict(self) -> Dict[str, Any]:
         """Everything a resumed run needs to continue bit for bit: counters and the average.
 
-        ``"average"`` holds views into the live average (as ``nn.Module.state_dict`` does).
+        ``"average"`` holds views into the live average (as ``nn.Module.state_dict`` does);
+        for sharded models they are DTensors, so ``torch.distributed.checkpoint`` can
+        save it and load it in place on any world size, e.g.::
+
+            dcp.save({"averager": averager.state_dict()}, checkpoint_id=path)
+            state = {"averager": averager.state_dict()}
+            dcp.load(state, checkpoint_id=path)
+            averager.load_state_dict(state["averager"])
         """
         return {
             "mode": self.mode,
@@ -407,6 +492,16 @@ class WeightAverager:
             if tuple(shapes[name]) != tuple(view.shape):
                 raise ValueError(f"{what}: {name!r} has shape {tuple(shapes[name])}, "
                                  f"the average has {tuple(view.shape)}")
+
+    def _check_meshes(self, what: str, pairs: Mapping[str, Tuple[Tensor, Tensor]]) -> None:
+        """ValueError if a sharded source and a sharded target live on different device meshes."""
+        dtensor = _dtensor_type()
+        if dtensor is None:
+            return
+        for name, (source, target) in pairs.items():
+            if isinstance(source, dtensor) and isinstance(target, dtensor) and source.device_mesh != target.device_mesh:
+                raise ValueError(f"{what}: {name!r} is sharded over {source.device_mesh}, "
+                                 f"the target over {target.device_mesh}")
 
     def _check_state_dict(self, state: Mapping[str, Any]) -> None:
         """Raise ValueError/TypeError if ``state`` cannot be loaded; touches nothing."""
@@ -431,15 +526,22 @@ class WeightAverager:
             if not isinstance(tensor, Tensor):
                 raise TypeError(f"load_state_dict: average[{name!r}] is a {type(tensor).__name__}, not a Tensor")
         self._check_names_and_shapes("load_state_dict", {n: t.shape for n, t in average.items()})
+        self._check_meshes("load_state_dict", {name: (average[name], tensor) for group in self._groups
+                                               for name, _, tensor in group.named_views()})
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output. Validates everything first: on error nothing changes."""
+        """Restore :meth:`state_dict` output. Validates everything first: on error nothing changes.
+
+        Averages may be full tensors or DTensors (as ``torch.distributed.checkpoint``
+        loads them); each rank copies in the part it holds.
+        """
         if self._stash is not None:
             raise RuntimeError("load_state_dict: the average is swapped into the model; leave swapped() first")
         self._check_state_dict(state)
-        for name, view in self.average_state_dict().items():
-            view.copy_(state["average"][name])
+        for group in self._groups:
+            for name, view, tensor in group.named_views():
+                view.copy_(_part_for(state["average"][name], tensor))
         self._step = int(state["step"])
         self._n_updates = int(state["n_updates"])
         for group in self._groups:
@@ -447,7 +549,7 @@ class WeightAverager:
         self._skipped.copy_(torch.as_tensor(state["skipped"]))
 
     def __repr__(self) -> str:
-        numel = sum(v.numel() for v in self.average_state_dict().values())
+        numel = sum(view.numel() for group in self._groups for _, view, _ in group.named_views())
         where = ", ".join(str(g.device) for g in self._groups)
         return (f"WeightAverager(mode={self.mode!r}, {len(self._names)} tensors, {numel} elements on {where}, "
                 f"step={self._step})")

@@ -201,9 +201,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"|{'-' * 40}|---------------|----------|----------------|")
     for name, accuracy, nll, cost in table:
         print(f"| {name:<38} | {accuracy:12.2f}% | {nll:8.4f} | {cost:>14} |")
-    losses, height = interpolation_barrier(runs[0].swa_params, runs[1].swa_params, refreshed.nll, steps=11)
-    print(f"\ninterpolation barrier between the SWA averages of trajectories 1 and 2: {height:.4f} test NLL\n"
-          "  test NLL along the line: " + " ".join(f"{v:.3f}" for v in losses))
+    line = interpolation_barrier(runs[0].swa_params, runs[1].swa_params, refreshed.nll, steps=11)
+    print(f"\ninterpolation barrier between the SWA averages of trajectories 1 and 2: {line.barrier:.4f} test NLL\n"
+          "  test NLL along the line: " + " ".join(f"{v:.3f}" for v in line.losses))
     fused = sum(r.fused_seconds for r in runs)
     baseline = sum(r.torch_seconds for r in runs)
     print(f"time spent in EMA updates: swm_fused {fused * 1e3:.1f} ms, torch AveragedModel {baseline * 1e3:.1f} ms "

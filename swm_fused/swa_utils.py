@@ -19,6 +19,8 @@ The differences are all backwards compatible:
   missing, extra or reshaped one raises ``ValueError`` naming it, before anything
   is written. torch pairs by position and silently stops at the shorter list.
 - **Picklable averaging functions.** The ``get_*_fn`` helpers return picklable objects.
+- **Sharded parameters.** With DTensor parameters (FSDP2, tensor parallel) each
+  rank averages its local shards, with no communication per update.
 
 :class:`SWALR` and :func:`update_bn` are torch's own, re-exported: nothing about
 them needs to change.
@@ -36,6 +38,8 @@ from torch.optim.swa_utils import SWALR, update_bn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import ops
+from .averager import _fsdp_modules, _reshard
+from .distributed import local_shard
 
 __all__ = [
     "AveragedModel",
@@ -163,7 +167,10 @@ def _unwrap(module: Module) -> Module:
 
 def _pair_by_name(kind: str, averaged: Sequence[Tuple[str, Tensor]],
                   current: Sequence[Tuple[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
-    """(average, model) tensors, detached, matched by name; ValueError names any mismatch."""
+    """(average, model) tensors, detached, matched by name; ValueError names any mismatch.
+
+    DTensors (sharded parameters) are paired by their local shards, which must match too.
+    """
     by_name: Dict[str, Tensor] = dict(current)
     pairs = []
     for name, avg in averaged:
@@ -174,7 +181,11 @@ def _pair_by_name(kind: str, averaged: Sequence[Tuple[str, Tensor]],
         if src.shape != avg.shape:
             raise ValueError(f"AveragedModel.update_parameters: {kind} '{name}' has shape "
                              f"{tuple(src.shape)} in the model but {tuple(avg.shape)} in the average")
-        pairs.append((avg.detach(), src.detach()))
+        avg, src = local_shard(avg.detach()), local_shard(src.detach())
+        if src.shape != avg.shape:
+            raise ValueError(f"AveragedModel.update_parameters: {kind} '{name}' is sharded differently: "
+                             f"this rank holds {tuple(src.shape)} of the model but {tuple(avg.shape)} of the average")
+        pairs.append((avg, src))
     if by_name:
         raise ValueError(f"AveragedModel.update_parameters: the model passed in has {kind} "
                          f"'{next(iter(by_name))}' that the average does not have")
@@ -209,6 +220,16 @@ class AveragedModel(Module):
             ``avg_fn``/``multi_avg_fn`` then receive the model's tensors cast to it.
             Kept as ``self.average_dtype``.
 
+    Sharded models: a model whose parameters are DTensors (e.g. tensor parallel)
+    is deep-copied with its shards, and each rank averages its local shards; your
+    own ``avg_fn``/``multi_avg_fn`` then receive the local shards. FSDP2 modules
+    cannot be deep-copied, so build the average before sharding and shard its copy
+    the same way::
+
+        averaged = AveragedModel(model, dtype=torch.float32)
+        fully_shard(model, mesh=mesh)
+        fully_shard(averaged.module, mesh=mesh)
+
     ``n_averaged`` lives on ``device``, or on the device of the model copy's first
     parameter or buffer (torch puts it on the CPU when ``device`` is None), so the
     update never waits on the host. The "first update is a copy" decision is kept
@@ -228,6 +249,10 @@ class AveragedModel(Module):
         if dtype is not None and dtype not in ops.AVERAGE_DTYPES:
             raise TypeError(f"AveragedModel: dtype must be torch.float32, float64, bfloat16, float16 "
                             f"or None, got {dtype}")
+        if _fsdp_modules(model):
+            raise TypeError("AveragedModel: FSDP2 (fully_shard) modules cannot be deep-copied; build "
+                            "AveragedModel(model) before fully_shard(model), then fully_shard(averaged.module) "
+                            "the same way, or use swm_fused.WeightAverager(model)")
         self.module = deepcopy(model)
         if device is not None or dtype is not None:
             self.module = self.module.to(device=device, dtype=dtype)
@@ -261,6 +286,7 @@ class AveragedModel(Module):
         not match the average by name and shape; nothing is written in that case.
         """
         ours, theirs = _unwrap(self.module), _unwrap(model)
+        _reshard(_fsdp_modules(ours) + _fsdp_modules(theirs))  # name the sharded parameters; see _reshard
         averaged = _pair_by_name("parameter", list(ours.named_parameters()), list(theirs.named_parameters()))
         buffers = _pair_by_name("buffer", list(ours.named_buffers()), list(theirs.named_buffers()))
         if self.use_buffers:

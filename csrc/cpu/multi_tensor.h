@@ -157,8 +157,8 @@ class Staging {
     check_cpu(t, op);
     TORCH_CHECK(t.is_floating_point(), op, ": expected floating tensors, got ", t.scalar_type());
     if (t.is_contiguous() && is_kernel_dtype(t.scalar_type())) return operand(t);
-    temps_.push_back(t.to(is_kernel_dtype(t.scalar_type()) ? t.scalar_type() : at::kFloat, false, false,
-                          at::MemoryFormat::Contiguous));
+    temps_.push_back(t.to(is_kernel_dtype(t.scalar_type()) ? t.scalar_type() : at::kFloat,
+                          /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous));
     return operand(temps_.back());
   }
 

@@ -20,7 +20,8 @@ once per group.
 The device helpers at the bottom (tile decoding, torch's lerp formula, bf16
 rounding) are shared by the kernels in this package.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.1's interpreter spots constexpr parameters
+# only by their evaluated annotation.
 
 import struct
 from collections import OrderedDict

@@ -3,7 +3,8 @@
 One launch per dtype in the list; see ``_multi_tensor`` for the tables. Elements are
 tested on their raw bits (all exponent bits set), so nothing is converted.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.1's interpreter spots constexpr parameters
+# only by their evaluated annotation.
 
 from typing import Sequence
 

@@ -4,7 +4,8 @@ One launch per (out dtype, input dtype for each k) group; see ``_multi_tensor`` 
 The tensor table row of position i is ``[out, input_0, ..., input_{K-1}, numel]``; the
 extras hold the K weights (float64 bits) and one dtype code per input, read in-kernel.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.1's interpreter spots constexpr parameters
+# only by their evaluated annotation.
 
 from typing import List, Sequence, Tuple
 

@@ -2,7 +2,8 @@
 
 One launch per (mean dtype, sq_mean dtype, src dtype) group; see ``_multi_tensor`` for the tables.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.1's interpreter spots constexpr parameters
+# only by their evaluated annotation.
 
 from typing import List, Optional, Sequence, Tuple
 
