@@ -73,8 +73,12 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 
 def forced_backend() -> Optional[str]:
-    """The backend forced by ``use_backend`` or ``SWM_FUSED_BACKEND``, if any."""
-    name = _forced.get()
+    """The backend forced by ``use_backend`` or ``SWM_FUSED_BACKEND``, if any.
+
+    Under ``torch.compile`` only the environment variable counts: the choice is made
+    while tracing, and dynamo cannot read context variables.
+    """
+    name = None if torch.compiler.is_compiling() else _forced.get()
     if name is None:
         name = os.environ.get(_ENV_VAR) or None
     return name

@@ -108,9 +108,9 @@ def _shard(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def _averagers(seed: int, mesh):
+def _averagers(seed: int, mesh, init_seed: int):
     """An FSDP2 model and its averagers (the AveragedModels built before sharding, then sharded alike)."""
-    model = make_model(seed)
+    model = make_model(init_seed)
     averaged = AveragedModel(model, dtype=torch.float32)
     averaged_ema = AveragedModel(model, dtype=torch.float32, multi_avg_fn=get_ema_multi_avg_fn(decay_of(seed)))
     _shard(model, mesh)
@@ -158,7 +158,7 @@ def _fsdp_part(rank, world, seed, checkpoint_dir) -> dict:
 
     mesh = init_device_mesh("cpu", (world,))
     out: dict = {"update_collectives": []}
-    model, averagers, averaged_models = _averagers(seed, mesh)
+    model, averagers, averaged_models = _averagers(seed, mesh, init_seed=seed)
     out["dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     out["placements"] = sorted({str(p.placements) for p in model.parameters()})
     history = _train(model, averagers, averaged_models, seed, rank, range(1, CHECKPOINT_STEP + 1),
@@ -199,7 +199,7 @@ def _fsdp_part(rank, world, seed, checkpoint_dir) -> dict:
     out["copy_to_plain"] = _gather(plain.named_parameters())
 
     # Resume from the checkpoint in fresh objects (a different init) and replay the last steps.
-    model, averagers, averaged_models = _averagers(seed + 3, mesh)
+    model, averagers, averaged_models = _averagers(seed, mesh, init_seed=seed + 3)
     state = _checkpoint_state(model, averagers, averaged_models)
     dcp.load(state, checkpoint_id=checkpoint_dir)
     model.load_state_dict(state["model"])
@@ -365,6 +365,7 @@ def test_dcp_resume_on_the_same_world_size_continues_bit_for_bit(run):
         assert result["resumed_counters"] == {"ema": (STEPS, STEPS), "swa": (STEPS, STEPS - 1)}
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_dcp_checkpoint_of_2_ranks_loads_into_an_unsharded_model(run):
     import torch.distributed.checkpoint as dcp
 

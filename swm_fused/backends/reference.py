@@ -53,11 +53,10 @@ def lerp_(avgs: Sequence[Tensor], srcs: Sequence[Tensor], weight: float,
 def swag_(means: Sequence[Tensor], sq_means: Sequence[Tensor], srcs: Sequence[Tensor],
           weight: float, weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
     for mean, sq_mean, src in zip(means, sq_means, srcs):
-        ct = compute_dtype(mean.dtype)
-        w = _weight(weight, weight_tensor, ct)
-        s = src.to(ct)
-        new_mean = torch.lerp(mean.to(ct), s, w)
-        new_sq = torch.lerp(sq_mean.to(compute_dtype(sq_mean.dtype)), s * s, w)
+        ct_mean, ct_sq = compute_dtype(mean.dtype), compute_dtype(sq_mean.dtype)  # each moment in its own type
+        new_mean = torch.lerp(mean.to(ct_mean), src.to(ct_mean), _weight(weight, weight_tensor, ct_mean))
+        s = src.to(ct_sq)
+        new_sq = torch.lerp(sq_mean.to(ct_sq), s * s, _weight(weight, weight_tensor, ct_sq))
         _store(mean, new_mean, found_inf)
         _store(sq_mean, new_sq, found_inf)
 
