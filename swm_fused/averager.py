@@ -373,7 +373,7 @@ class WeightAverager:
         """Save the training weights, then write the average (cast to the model's dtypes) into the model."""
         if self._stash is not None:
             raise RuntimeError("WeightAverager: the average is already swapped into the model")
-        pass
+        _reshard(self._fsdp_modules)
         live, average = self._live_and_average()
         self._stash = FlatBuffer.from_tensors(live)
         try:
@@ -387,7 +387,7 @@ class WeightAverager:
         """Restore the training weights saved by :meth:`_swap_in`, bit for bit."""
         if self._stash is None:
             raise RuntimeError("WeightAverager: the average is not swapped into the model")
-        pass
+        _reshard(self._fsdp_modules)
         live, _ = self._live_and_average()
         torch._foreach_copy_(live, self._stash.views)
         self._stash = None

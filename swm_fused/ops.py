@@ -3,12 +3,21 @@
 All ops work in place on lists of tensors paired by position (a single tensor or
 a :class:`~swm_fused.FlatBuffer` may stand in for a list). Nothing is written
 until every check has passed, so a bad call leaves all tensors unchanged.
+
+The per-tensor checks (dtypes, shapes, devices) cost about as much as a fused
+kernel on thousands of small tensors, so a backend module that declares
+``VALIDATES_LISTS = True`` runs them itself, in the same order and with the same
+messages as :func:`_check_lists` minus the op's name, which :func:`_call` adds.
+Everything else (list lengths, numbers, flags, FlatBuffer layouts) is checked
+here for every backend, before any per-tensor check.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
-from typing import List, Optional, Sequence, Tuple, Union
+from types import ModuleType
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,35 +38,81 @@ def _as_list(op: str, name: str, value: TensorList) -> List[Tensor]:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{op}: {name} must be a Tensor, a list of Tensors or a FlatBuffer, "
                         f"got {type(value).__name__}")
-    for i, t in enumerate(value):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a Tensor")
+    if not all(map(isinstance, value, itertools.repeat(Tensor))):  # C-speed scan; find the culprit below
+        i, t = next((i, t) for i, t in enumerate(value) if not isinstance(t, Tensor))
+        raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a Tensor")
     return list(value)
 
 
-def _check_lists(op: str, named: Sequence[Tuple[str, List[Tensor]]], written: Sequence[str]) -> Optional[torch.device]:
-    """Check lengths, shapes, dtypes and devices; return the common device (None if empty)."""
+def _check_lengths(op: str, named: Sequence[Tuple[str, Sequence[Tensor]]]) -> None:
     first_name, first = named[0]
     for name, tensors in named[1:]:
         if len(tensors) != len(first):
             raise ValueError(f"{op}: {first_name} has {len(first)} tensors but {name} has {len(tensors)}")
-    device = None
+
+
+def _check_lists(op: str, named: Sequence[Tuple[str, Sequence[Tensor]]], written: Sequence[str], *,
+                 any_dtype: bool = False, indices: Optional[Sequence[int]] = None) -> None:
+    """Check lengths, then list by list and position by position: dtype, shape, device.
+
+    Written lists need float32/float64/bfloat16/float16, the others a floating dtype
+    (``any_dtype`` lifts both); shapes and the device must match the first list's.
+    ``indices[j]`` is the index that position j reports (default j). csrc/validate.h
+    is the C++ twin of this function: keep the two in step.
+    """
+    _check_lengths(op, named)
+    first_name, first = named[0]
+    if not first:
+        return
+    device = first[0].device
     for name, tensors in named:
-        for i, t in enumerate(tensors):
-            if name in written and t.dtype not in AVERAGE_DTYPES:
+        for j, t in enumerate(tensors):
+            i = j if indices is None else indices[j]
+            if not any_dtype and name in written and t.dtype not in AVERAGE_DTYPES:
                 raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}; averages and outputs must be "
                                 "float32, float64, bfloat16 or float16")
-            if not t.is_floating_point():
+            if not any_dtype and not t.is_floating_point():
                 raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}; sources must be floating point")
-            if t.shape != first[i].shape:
+            if t.shape != first[j].shape:
                 raise ValueError(f"{op}: shape mismatch at index {i}: {first_name}[{i}] has shape "
-                                 f"{tuple(first[i].shape)} but {name}[{i}] has shape {tuple(t.shape)}")
-            if device is None:
-                device, device_where = t.device, f"{name}[{i}]"
-            elif t.device != device:
-                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but {device_where} is on {device}; "
+                                 f"{tuple(first[j].shape)} but {name}[{i}] has shape {tuple(t.shape)}")
+            if t.device != device:
+                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but {first_name}[0] is on {device}; "
                                  "all tensors must be on one device")
-    return device
+
+
+def _checked_backend(op: str, named: Sequence[Tuple[str, TensorList, List[Tensor]]], written: Sequence[str],
+                     device: torch.device, *, any_dtype: bool = False) -> Tuple[ModuleType, List[List[Tensor]]]:
+    """The backend for ``device`` and the lists to hand it, with every per-tensor check done.
+
+    ``named`` holds (name, argument, its tensors), lengths already checked. When every
+    argument is a FlatBuffer of one layout, the storages stand in for the views: they are
+    checked here (a few tensors), each reporting the index of its first view. Otherwise the
+    tensors are checked here unless the backend checks them itself.
+    """
+    backend = dispatch.select(device)
+    storages = _flat_storages([arg for _, arg, _ in named])
+    if storages is not None:
+        group_of = named[0][1].group_of
+        first_views = [group_of.index(g) for g in range(len(storages[0]))]
+        _check_lists(op, [(name, s) for (name, _, _), s in zip(named, storages)], written,
+                     any_dtype=any_dtype, indices=first_views)
+        return backend, storages
+    lists = [tensors for _, _, tensors in named]
+    if not getattr(backend, "VALIDATES_LISTS", False):
+        _check_lists(op, [(name, tensors) for name, _, tensors in named], written, any_dtype=any_dtype)
+    return backend, lists
+
+
+def _call(op: str, backend: ModuleType, primitive: str, *args: Any) -> Any:
+    """``backend.primitive(*args)`` without autograd; a self-validating backend's message gets ``op: ``."""
+    try:
+        with torch.no_grad():
+            return getattr(backend, primitive)(*args)
+    except (ValueError, TypeError) as exc:
+        if not getattr(backend, "VALIDATES_LISTS", False):
+            raise
+        raise type(exc)(f"{op}: {exc}") from None
 
 
 def _check_found_inf(op: str, found_inf: Optional[Tensor], device: Optional[torch.device]) -> Optional[Tensor]:
@@ -106,6 +161,11 @@ def _swa_weight(op: str, n_averaged, device: Optional[torch.device]) -> Tuple[fl
     return 1.0 / (int(n_averaged) + 1), None
 
 
+def _first_device(tensors: List[Tensor]) -> Optional[torch.device]:
+    """The device of the first tensor, which picks the backend; None for an empty list."""
+    return tensors[0].device if tensors else None
+
+
 def ema_(avg: TensorList, src: TensorList, decay: float, *, found_inf: Optional[Tensor] = None) -> None:
     """Exponential moving average, in place: ``avg = decay * avg + (1 - decay) * src``.
 
@@ -115,18 +175,16 @@ def ema_(avg: TensorList, src: TensorList, decay: float, *, found_inf: Optional[
     non-zero, nothing changes; it is read on the device, never synchronised.
     """
     avgs, srcs = _as_list("ema_", "avg", avg), _as_list("ema_", "src", src)
-    device = _check_lists("ema_", [("avg", avgs), ("src", srcs)], written=("avg",))
+    _check_lengths("ema_", [("avg", avgs), ("src", srcs)])
     decay = _check_number("ema_", "decay", decay)
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"ema_: decay must be in [0, 1], got {decay}")
+    device = _first_device(avgs)
     found_inf = _check_found_inf("ema_", found_inf, device)
     if device is None:
         return
-    flat = _flat_storages([avg, src])
-    if flat is not None:
-        avgs, srcs = flat
-    with torch.no_grad():
-        dispatch.select(device).lerp_(avgs, srcs, 1.0 - decay, None, found_inf)
+    backend, (avgs, srcs) = _checked_backend("ema_", [("avg", avg, avgs), ("src", src, srcs)], ("avg",), device)
+    _call("ema_", backend, "lerp_", avgs, srcs, 1.0 - decay, None, found_inf)
 
 
 def swa_(avg: TensorList, src: TensorList, n_averaged: Union[int, Tensor], *,
@@ -138,16 +196,14 @@ def swa_(avg: TensorList, src: TensorList, n_averaged: Union[int, Tensor], *,
     Computed as ``lerp(avg, src, 1 / (n_averaged + 1))``, like torch's SWA.
     """
     avgs, srcs = _as_list("swa_", "avg", avg), _as_list("swa_", "src", src)
-    device = _check_lists("swa_", [("avg", avgs), ("src", srcs)], written=("avg",))
+    _check_lengths("swa_", [("avg", avgs), ("src", srcs)])
+    device = _first_device(avgs)
     weight, weight_tensor = _swa_weight("swa_", n_averaged, device)
     found_inf = _check_found_inf("swa_", found_inf, device)
     if device is None:
         return
-    flat = _flat_storages([avg, src])
-    if flat is not None:
-        avgs, srcs = flat
-    with torch.no_grad():
-        dispatch.select(device).lerp_(avgs, srcs, weight, weight_tensor, found_inf)
+    backend, (avgs, srcs) = _checked_backend("swa_", [("avg", avg, avgs), ("src", src, srcs)], ("avg",), device)
+    _call("swa_", backend, "lerp_", avgs, srcs, weight, weight_tensor, found_inf)
 
 
 def swag_(mean: TensorList, sq_mean: TensorList, src: TensorList, n_averaged: Union[int, Tensor], *,
@@ -160,17 +216,15 @@ def swag_(mean: TensorList, sq_mean: TensorList, src: TensorList, n_averaged: Un
     means = _as_list("swag_", "mean", mean)
     sq_means = _as_list("swag_", "sq_mean", sq_mean)
     srcs = _as_list("swag_", "src", src)
-    device = _check_lists("swag_", [("mean", means), ("sq_mean", sq_means), ("src", srcs)],
-                          written=("mean", "sq_mean"))
+    _check_lengths("swag_", [("mean", means), ("sq_mean", sq_means), ("src", srcs)])
+    device = _first_device(means)
     weight, weight_tensor = _swa_weight("swag_", n_averaged, device)
     found_inf = _check_found_inf("swag_", found_inf, device)
     if device is None:
         return
-    flat = _flat_storages([mean, sq_mean, src])
-    if flat is not None:
-        means, sq_means, srcs = flat
-    with torch.no_grad():
-        dispatch.select(device).swag_(means, sq_means, srcs, weight, weight_tensor, found_inf)
+    named = [("mean", mean, means), ("sq_mean", sq_mean, sq_means), ("src", src, srcs)]
+    backend, (means, sq_means, srcs) = _checked_backend("swag_", named, ("mean", "sq_mean"), device)
+    _call("swag_", backend, "swag_", means, sq_means, srcs, weight, weight_tensor, found_inf)
 
 
 def merge_(out: TensorList, inputs: Sequence[TensorList], weights: Union[Sequence[float], Tensor]) -> None:
@@ -193,27 +247,29 @@ def merge_(out: TensorList, inputs: Sequence[TensorList], weights: Union[Sequenc
     if len(weights) != len(input_lists):
         raise ValueError(f"merge_: got {len(weights)} weights for {len(input_lists)} input lists")
     weights = [_check_number("merge_", f"weights[{k}]", w) for k, w in enumerate(weights)]
-    named = [("out", outs)] + [(f"inputs[{k}]", x) for k, x in enumerate(input_lists)]
-    device = _check_lists("merge_", named, written=("out",))
+    named = [("out", out, outs)] + [(f"inputs[{k}]", x, xs) for k, (x, xs) in enumerate(zip(inputs, input_lists))]
+    _check_lengths("merge_", [(name, tensors) for name, _, tensors in named])
+    device = _first_device(outs)
     if device is None:
         return
-    flat = _flat_storages([out, *inputs])
-    if flat is not None:
-        outs, input_lists = flat[0], flat[1:]
-    with torch.no_grad():
-        dispatch.select(device).merge_(outs, input_lists, weights)
+    backend, (outs, *input_lists) = _checked_backend("merge_", named, ("out",), device)
+    _call("merge_", backend, "merge_", outs, input_lists, weights)
 
 
 def any_nonfinite(tensors: TensorList) -> Tensor:
     """A 0-dim float32 tensor on the tensors' device: 1.0 if any element is NaN or Inf, else 0.0.
 
-    Never synchronises with the host; pass the result as ``found_inf`` to skip a step.
+    Tensors of other dtypes cannot hold NaN/Inf and are skipped, but all must share one
+    device. Never synchronises with the host; pass the result as ``found_inf`` to skip a step.
     """
     lists = _as_list("any_nonfinite", "tensors", tensors)
-    if isinstance(tensors, FlatBuffer):
-        lists = tensors.storages
-    lists = [t for t in lists if t.is_floating_point()]  # other dtypes cannot hold NaN/Inf
-    device = _check_lists("any_nonfinite", [("tensors", lists)], written=())
+    device = _first_device(lists)
     if device is None:
         return torch.zeros((), dtype=torch.float32)
-    return dispatch.select(device).any_nonfinite(lists)
+    backend, (lists,) = _checked_backend("any_nonfinite", [("tensors", tensors, lists)], (), device,
+                                         any_dtype=True)
+    if not getattr(backend, "VALIDATES_LISTS", False):  # such backends skip the other dtypes themselves
+        lists = [t for t in lists if t.is_floating_point()]
+        if not lists:
+            return torch.zeros((), dtype=torch.float32, device=device)
+    return _call("any_nonfinite", backend, "any_nonfinite", lists)

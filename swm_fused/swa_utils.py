@@ -181,11 +181,11 @@ def _pair_by_name(kind: str, averaged: Sequence[Tuple[str, Tensor]],
         if src.shape != avg.shape:
             raise ValueError(f"AveragedModel.update_parameters: {kind} '{name}' has shape "
                              f"{tuple(src.shape)} in the model but {tuple(avg.shape)} in the average")
-        avg, src = local_shard(avg.detach()), local_shard(src.detach())
-        if src.shape != avg.shape:
-            raise ValueError(f"AveragedModel.update_parameters: {kind} '{name}' is sharded differently: "
-                             f"this rank holds {tuple(src.shape)} of the model but {tuple(avg.shape)} of the average")
-        pairs.append((avg, src))
+        layouts = [(getattr(t, "placements", None), tuple(local_shard(t).shape)) for t in (src, avg)]
+        if layouts[0] != layouts[1]:
+            raise ValueError(f"AveragedModel.update_parameters: {kind} '{name}' is sharded differently: (placements, "
+                             f"local shape) {layouts[0]} in the model but {layouts[1]} in the average")
+        pairs.append((local_shard(avg.detach()), local_shard(src.detach())))
     if by_name:
         raise ValueError(f"AveragedModel.update_parameters: the model passed in has {kind} "
                          f"'{next(iter(by_name))}' that the average does not have")
@@ -286,7 +286,8 @@ class AveragedModel(Module):
         not match the average by name and shape; nothing is written in that case.
         """
         ours, theirs = _unwrap(self.module), _unwrap(model)
-        _reshard(_fsdp_modules(ours) + _fsdp_modules(theirs))  # name the sharded parameters; see _reshard
+        # FSDP2 may hold unsharded parameters after a forward; averaging works on the shards
+        _reshard(_fsdp_modules(ours) + _fsdp_modules(theirs))
         averaged = _pair_by_name("parameter", list(ours.named_parameters()), list(theirs.named_parameters()))
         buffers = _pair_by_name("buffer", list(ours.named_buffers()), list(theirs.named_buffers()))
         if self.use_buffers:

@@ -259,7 +259,7 @@ def test_any_nonfinite(poison, dtype, layout):
             target = random.choice(candidates)
             flat_index = random.randrange(target.numel())
         value = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "last": float("nan")}[poison]
-        target[torch.unravel_index(torch.tensor(flat_index), target.shape)] = value
+        target[tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), target.shape))] = value
     results = {}
     for backend in ("reference", "cuda"):
         with use_backend(backend):

@@ -7,12 +7,18 @@ AveragedModel(dtype=float32) on a bf16 FSDP2 model, no collectives inside an
 update, swapped()/copy_to on the shards (past FSDP2's unsharded-root trap), DCP
 save/resume on 2 ranks and DCP load on 1 rank, and DTensor models built with
 distribute_tensor (tensor-parallel style, the deep-copy path of AveragedModel).
+Last, the torchrun example runs on 2 CPU ranks.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Dict, List
 
 import pytest
@@ -159,6 +165,10 @@ def _fsdp_part(rank, world, seed, checkpoint_dir) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     out: dict = {"update_collectives": []}
     model, averagers, averaged_models = _averagers(seed, mesh, init_seed=seed)
+    try:
+        AveragedModel(model)
+    except TypeError as exc:
+        out["averaged_model_of_fsdp"] = str(exc)
     out["dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     out["placements"] = sorted({str(p.placements) for p in model.parameters()})
     history = _train(model, averagers, averaged_models, seed, rank, range(1, CHECKPOINT_STEP + 1),
@@ -243,6 +253,11 @@ def _dtensor_part(rank, world, seed) -> dict:
     target.bias = nn.Parameter(distribute_tensor(target.bias.detach(), mesh, [Shard(0)], src_data_rank=None))
     swa.copy_to(target)
     out["copy_to_resharded"] = _gather(target.named_parameters())
+    try:
+        averaged.update_parameters(target)
+    except ValueError as exc:
+        out["differently_sharded_error"] = str(exc)
+    out["averaged_after_error"] = _gather(averaged.module.named_parameters())
     state = swa.state_dict()
     state["average"] = {name: full.float() for name, full in tp_weights(seed, 99).items()}
     swa.load_state_dict(state)
@@ -250,9 +265,34 @@ def _dtensor_part(rank, world, seed) -> dict:
     return out
 
 
+def _replicated_part(rank, world, seed) -> dict:
+    """A DDP model: each rank averages its full replica, as without torch.distributed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(make_model(seed).float())
+    ema = WeightAverager(model, mode="ema", decay=decay_of(seed))
+    averaged = AveragedModel(model.module, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out: dict = {"update_collectives": [], "history": []}
+    for step in range(1, 4):
+        x, y = batch(seed, step, rank)
+        nn.functional.mse_loss(model(x.float()), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with CollectiveCounter() as counter:
+            ema.update()
+            averaged.update_parameters(model)
+        out["update_collectives"].append(counter.total)
+        out["history"].append(_gather(model.module.named_parameters()))
+    out["ema"] = _gather(ema.average_state_dict().items())
+    out["averaged"] = _gather(averaged.module.named_parameters())
+    return out
+
+
 def _worker(rank, world, seed, checkpoint_dir):
     torch.manual_seed(seed)
-    return {"fsdp": _fsdp_part(rank, world, seed, checkpoint_dir), "dtensor": _dtensor_part(rank, world, seed)}
+    return {"fsdp": _fsdp_part(rank, world, seed, checkpoint_dir), "dtensor": _dtensor_part(rank, world, seed),
+            "replicated": _replicated_part(rank, world, seed)}
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -312,10 +352,11 @@ def _assert_bitwise(got: Dict[str, Tensor], expected: Dict[str, Tensor], what: s
 
 
 # ----------------------------------------------------------------------------------- the tests
-def test_fsdp2_model_is_sharded_bf16(run):
+def test_fsdp2_model_is_sharded_bf16_and_averaged_model_says_how_to_average_it(run):
     fsdp = run["ranks"][0]["fsdp"]
     assert fsdp["dtypes"] == [str(MODEL_DTYPE)]
     assert fsdp["placements"] == ["(Shard(dim=0),)"]
+    assert "fully_shard(averaged.module)" in fsdp.get("averaged_model_of_fsdp", ""), fsdp.get("averaged_model_of_fsdp")
 
 
 def test_sharded_averages_match_unsharded_averaging_bit_for_bit(run):
@@ -332,7 +373,7 @@ def test_sharded_averages_match_unsharded_averaging_bit_for_bit(run):
 
 def test_update_runs_no_collectives(run):
     for result in run["ranks"]:
-        for part in ("fsdp", "dtensor"):
+        for part in ("fsdp", "dtensor", "replicated"):
             assert result[part]["update_collectives"] and set(result[part]["update_collectives"]) == {0}, part
         assert result["fsdp"]["control_dtensor_gather"] > 0, "the counter missed a DTensor all-gather"
         assert result["fsdp"]["control_all_reduce"] > 0, "the counter missed dist.all_reduce"
@@ -408,7 +449,52 @@ def test_dtensor_models_average_their_shards(run):
         assert result["averaged_is_sharded"]
         _assert_bitwise(result["swa"], expected_swa, f"rank {rank} WeightAverager")
         _assert_bitwise(result["averaged"], expected_averaged, f"rank {rank} AveragedModel")
+        assert "'weight' is sharded differently" in result.get("differently_sharded_error", ""), result
+        _assert_bitwise(result["averaged_after_error"], expected_averaged, f"rank {rank} AveragedModel after error")
         _assert_bitwise(result["copy_to_resharded"], {n: t.to(MODEL_DTYPE) for n, t in expected_swa.items()},
                         f"rank {rank} copy_to another layout")
         _assert_bitwise(result["loaded_full"], {n: t.float() for n, t in tp_weights(seed, 99).items()},
                         f"rank {rank} load_state_dict of full tensors")
+
+
+def test_torchrun_example_trains_and_merges(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    epochs, swa_start = 6, 2
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(repo / "examples" / "torchrun_swm.py"), "--epochs", str(epochs), "--swa-start", str(swa_start)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, output
+    ranks = re.findall(r"^rank (\d): final ([\d.]+)  SWA ([\d.]+)  \((\d+) epochs averaged\)$", output, re.M)
+    assert [int(r[0]) for r in ranks] == [0, 1], output
+    assert all(int(r[3]) == epochs - swa_start for r in ranks), output
+    merged = re.findall(r"^merged \(SWM of 2 SWA averages\): ([\d.]+)$", output, re.M)
+    assert len(merged) == 1, output
+    accuracies = [float(v) for r in ranks for v in r[1:3]] + [float(merged[0])]
+    assert all(0.0 <= a <= 1.0 for a in accuracies), output
+    assert float(merged[0]) > 0.1, f"the merged model is no better than chance (10 classes):\n{output}"
+
+
+def test_replicated_ddp_models_average_their_replica(run):
+    seed = run["seed"]
+    ranks = [r["replicated"] for r in run["ranks"]]
+    _assert_bitwise(ranks[1]["history"][-1], ranks[0]["history"][-1], "DDP replicas")
+    model = make_model(seed).float()
+    ema = WeightAverager(model, mode="ema", decay=decay_of(seed))
+    averaged = AveragedModel(model, dtype=torch.float64)
+    for weights in ranks[0]["history"]:
+        _set_weights(model, weights)
+        ema.update()
+        averaged.update_parameters(model)
+    for rank, result in enumerate(ranks):
+        _assert_bitwise(result["ema"], {f"module.{n}": t for n, t in ema.average_state_dict().items()},
+                        f"rank {rank} WeightAverager(DDP)")
+        _assert_bitwise(result["averaged"], dict(averaged.module.named_parameters()), f"rank {rank} AveragedModel")

@@ -21,12 +21,14 @@ from swm_fused import FlatBuffer, use_backend
 from swm_fused.backends import reference
 from _helpers import BACKEND_TOLERANCES, FLOAT_DTYPES, assert_close, clones
 
-triton_backend = pytest.importorskip("swm_fused.triton")
+import swm_fused.triton as triton_backend  # noqa: I100  (after conftest.py has set TRITON_INTERPRET)
+
 if triton_backend.unavailable_reason():
     pytest.skip(f"triton backend unavailable: {triton_backend.unavailable_reason()}", allow_module_level=True)
 
 import triton  # noqa: E402
-from swm_fused.triton import _multi_tensor, lerp as lerp_module, merge as merge_module, swag as swag_module  # noqa: E402
+from swm_fused.triton import _multi_tensor  # noqa: E402
+from swm_fused.triton import lerp as lerp_module, merge as merge_module, swag as swag_module  # noqa: E402
 
 # The package attribute `any_nonfinite` is the primitive; its module of the same name lives in sys.modules.
 any_nonfinite_module = sys.modules["swm_fused.triton.any_nonfinite"]
@@ -107,6 +109,16 @@ def test_tables_cover_every_element_once():
     assert list(zip(tensor, chunk)) == expected
     for t in (launch.tensor_table, launch.chunk_table, launch.extras):
         assert t.data_ptr() % 16 == 0 and t.device == DEVICE
+    assert not launch.aligned  # 4097 elements: no alignment hints
+
+
+def test_only_aligned_groups_get_alignment_hints():
+    flat = FlatBuffer.from_tensors([rand(n, torch.float32) for n in (3, 4097, 16)])
+    assert _multi_tensor.build_launch([flat.storages]).aligned
+    assert _multi_tensor.build_launch([flat.views]).aligned is False  # view sizes 3 and 4097
+    padded = [rand(32, torch.float32), rand(48, torch.float32)]
+    assert _multi_tensor.build_launch([padded]).aligned
+    assert _multi_tensor.build_launch([[padded[0][2:18], padded[1][:16]]]).aligned is False  # 8-byte offset
 
 
 def test_block_size_keeps_padding_small():
@@ -374,5 +386,7 @@ def test_supports_the_device_it_runs_on():
 def test_without_interpreter_and_cuda_it_says_why():
     env = dict(os.environ, TRITON_INTERPRET="0")
     code = "import swm_fused.triton as t; print(t.unavailable_reason())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.strip() == "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"

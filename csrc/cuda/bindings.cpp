@@ -67,7 +67,7 @@ class Inputs {
 // that finish() copies back.
 class Outputs {
  public:
-  Outputs(at::TensorList targets, const char* op, const char* what) {
+  Outputs(at::TensorList targets, const char* op, const char* what) : targets_(targets) {
     work_.reserve(targets.size());
     for (size_t i = 0; i < targets.size(); ++i) {
       const Tensor& t = targets[i];
@@ -75,7 +75,6 @@ class Outputs {
                   "; written tensors must be float32, float64, bfloat16 or float16");
       work_.push_back(t.is_contiguous() ? t : t.contiguous());
     }
-    targets_ = targets;
   }
   const Tensor& operator[](size_t i) const { return work_[i]; }
   void finish() {

@@ -29,7 +29,7 @@ else:
 
 
 def unavailable_reason() -> str:
-    """"" when this backend can run here, else why not."""
+    """Empty when this backend can run here, else the reason it cannot."""
     if _IMPORT_ERROR:
         return _IMPORT_ERROR
     if not INTERPRETED and not torch.cuda.is_available():

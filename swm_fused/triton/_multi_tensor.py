@@ -62,36 +62,31 @@ def chunk_tile(tensor_table, chunk_table, n_chunks, ROW_WIDTH: tl.constexpr, ROW
 
 
 @triton.jit
-def as_pointer(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """int64 ``address`` as a pointer to ``DTYPE``, hinted 16-byte aligned if ``ALIGNED``.
+def column_ptrs(row, index, offsets, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers [ROWS, BLOCK] to the tile's elements of the tensors in table column ``index``.
 
-    Spelled out per type because Triton 3.1's tl.pointer_type rejects a constexpr element type.
-    The hint is set here, on the cast itself: Triton 3.6 drops hints set on a helper's return
-    value or on the integer before the cast."""
+    The cast is spelled out per type because Triton 3.1's tl.pointer_type rejects a constexpr
+    element type. The alignment hint sits on the cast itself: Triton 3.6 drops hints set on a
+    helper's return value or on the integer before the cast."""
+    address = tl.load(row + index)
     if DTYPE == tl.float32:
-        ptr = address.to(tl.pointer_type(tl.float32))
+        base = address.to(tl.pointer_type(tl.float32))
     elif DTYPE == tl.float64:
-        ptr = address.to(tl.pointer_type(tl.float64))
+        base = address.to(tl.pointer_type(tl.float64))
     elif DTYPE == tl.bfloat16:
-        ptr = address.to(tl.pointer_type(tl.bfloat16))
+        base = address.to(tl.pointer_type(tl.bfloat16))
     elif DTYPE == tl.float16:
-        ptr = address.to(tl.pointer_type(tl.float16))
+        base = address.to(tl.pointer_type(tl.float16))
     elif DTYPE == tl.int16:
-        ptr = address.to(tl.pointer_type(tl.int16))
+        base = address.to(tl.pointer_type(tl.int16))
     elif DTYPE == tl.int32:
-        ptr = address.to(tl.pointer_type(tl.int32))
+        base = address.to(tl.pointer_type(tl.int32))
     else:
         tl.static_assert(DTYPE == tl.int64)
-        ptr = address.to(tl.pointer_type(tl.int64))
+        base = address.to(tl.pointer_type(tl.int64))
     if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
-def column_ptrs(row, index, offsets, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointers [ROWS, BLOCK] to the tile's elements of the tensors in table column ``index``."""
-    return as_pointer(tl.load(row + index), DTYPE, ALIGNED)[:, None] + offsets
+        base = tl.multiple_of(base, 16)  # bytes
+    return base[:, None] + offsets
 
 
 @triton.jit

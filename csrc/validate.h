@@ -1,0 +1,118 @@
+// Validation of the swm_fused ops' tensor lists: the C++ twin of swm_fused/ops.py::_check_lists.
+// Same rules, same order, same messages, minus the public op's name, which swm_fused/ops.py
+// prefixes ("ema_: avg has 3 tensors but src has 2"). ValueError / TypeError on the Python side
+// come from TORCH_CHECK_VALUE / TORCH_CHECK_TYPE. Header-only and device-agnostic (ATen/c10 only).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <cctype>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace swm_fused::validate {
+
+// What a list may hold: Written lists need a kernel dtype (fp32/fp64/bf16/fp16), Read lists any
+// floating dtype, and AnyDtype lists anything (any_nonfinite skips tensors that cannot hold NaN).
+enum class Role { Written, Read, AnyDtype };
+
+struct NamedList {
+  std::string name;
+  at::TensorList tensors;
+  Role role;
+};
+
+// torch's Python name of a dtype, e.g. "torch.int64".
+inline std::string python_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kHalf: return "torch.float16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {  // every other dtype is its C++ name in lower case: bool, bfloat16, float8_e4m3fn, uint16, ...
+      std::string name = c10::toString(dtype);
+      for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + name;
+    }
+  }
+}
+
+// A shape as Python prints tuple(t.shape): "(3, 4)", "(5,)", "()".
+inline std::string python_shape(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << '(';
+  for (size_t d = 0; d < sizes.size(); ++d) out << (d ? ", " : "") << sizes[d];
+  out << (sizes.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+inline bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+// lists[0] is the one the others are compared with. Checks, in this order: equal lengths; then
+// list by list, position by position: the dtype its role allows, the shape of lists[0] at that
+// position, and the device of lists[0][0].
+inline void check_lists(const std::vector<NamedList>& lists) {
+  const NamedList& first = lists.front();
+  for (size_t j = 1; j < lists.size(); ++j) {
+    TORCH_CHECK_VALUE(lists[j].tensors.size() == first.tensors.size(), first.name, " has ", first.tensors.size(),
+                      " tensors but ", lists[j].name, " has ", lists[j].tensors.size());
+  }
+  if (first.tensors.empty()) return;
+  const c10::Device device = first.tensors[0].device();
+  for (const NamedList& list : lists) {
+    for (size_t i = 0; i < list.tensors.size(); ++i) {
+      const at::Tensor& t = list.tensors[i];
+      const at::ScalarType dtype = t.scalar_type();
+      TORCH_CHECK_TYPE(list.role != Role::Written || is_kernel_dtype(dtype), list.name, "[", i, "] has dtype ",
+                       python_dtype(dtype), "; averages and outputs must be float32, float64, bfloat16 or float16");
+      TORCH_CHECK_TYPE(list.role == Role::AnyDtype || at::isFloatingType(dtype), list.name, "[", i,
+                       "] has dtype ", python_dtype(dtype), "; sources must be floating point");
+      const at::IntArrayRef reference_shape = first.tensors[i].sizes();
+      TORCH_CHECK_VALUE(t.sizes() == reference_shape, "shape mismatch at index ", i, ": ", first.name, "[", i,
+                        "] has shape ", python_shape(reference_shape), " but ", list.name, "[", i, "] has shape ",
+                        python_shape(t.sizes()));
+      TORCH_CHECK_VALUE(t.device() == device, list.name, "[", i, "] is on ", t.device().str(), " but ", first.name,
+                        "[0] is on ", device.str(), "; all tensors must be on one device");
+    }
+  }
+}
+
+inline void lerp_lists(at::TensorList avg, at::TensorList src) {
+  check_lists({{"avg", avg, Role::Written}, {"src", src, Role::Read}});
+}
+
+inline void swag_lists(at::TensorList mean, at::TensorList sq_mean, at::TensorList src) {
+  check_lists({{"mean", mean, Role::Written}, {"sq_mean", sq_mean, Role::Written}, {"src", src, Role::Read}});
+}
+
+// `inputs` holds the K input lists back to back (k-major: inputs[k * N + i]), K = n_weights.
+inline void merge_lists(at::TensorList out, at::TensorList inputs, size_t n_weights) {
+  TORCH_CHECK_VALUE(n_weights >= 1, "weights is empty; give at least one input list");
+  const size_t n = out.size();
+  TORCH_CHECK_VALUE(inputs.size() == n_weights * n, "inputs has ", inputs.size(), " tensors but ", n_weights,
+                    " weights and ", n, " outputs need ", n_weights * n, " (k-major: inputs[k * ", n, " + i])");
+  std::vector<NamedList> lists;
+  lists.reserve(n_weights + 1);
+  lists.push_back({"out", out, Role::Written});
+  for (size_t k = 0; k < n_weights; ++k)
+    lists.push_back({"inputs[" + std::to_string(k) + "]", inputs.slice(k * n, n), Role::Read});
+  check_lists(lists);
+}
+
+inline void any_nonfinite_list(at::TensorList tensors) { check_lists({{"tensors", tensors, Role::AnyDtype}}); }
+
+}  // namespace swm_fused::validate
