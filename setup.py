@@ -24,7 +24,7 @@ if os.environ.get("SWM_FUSED_NO_EXT") != "1":
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]  # no fast-math: it flushes subnormals
         define_macros.append(("SWM_FUSED_WITH_CUDA", None))
     Extension = CUDAExtension if with_cuda else CppExtension
     ext_modules.append(Extension("swm_fused._C", sources, include_dirs=[os.path.abspath("csrc")],

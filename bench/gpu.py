@@ -97,8 +97,8 @@ def _header(device: torch.device, ceiling: Tuple[str, float], quick: bool, budge
     except ImportError:
         triton_version = "not installed"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        machine = f"{name}, CUDA {torch.version.cuda}, {torch.cuda.get_device_properties(device).L2_cache_size >> 20} MiB L2"
+        l2_mib = torch.cuda.get_device_properties(device).L2_cache_size >> 20
+        machine = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, {l2_mib} MiB L2"
     else:
         machine = f"CPU dry run ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [

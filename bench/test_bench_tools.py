@@ -23,16 +23,18 @@ CHECKED = [(c, p) for c, p in pairs(cpu_cases(), providers("cpu")) if not p.own_
 
 def _expected(case, data):
     """What one call must leave behind, in float64: [(tensor written, expected value)]."""
-    f64 = lambda ts: [t.double() for t in ts]  # noqa: E731
+    def f64(tensors):
+        return [t.double() for t in tensors]
+
     if case.op == "merge":
         expected = [sum(w * t for w, t in zip(data.weights, ts)) for ts in zip(*[f64(x) for x in data.inputs])]
         return list(zip(data.out, expected))
     weight = 1 - EMA_DECAY if case.op == "ema" else 1 / (SWA_N_AVERAGED + 1)
     src = f64(data.params)
-    pairs_ = [(a, a64 + weight * (s - a64)) for a, a64, s in zip(data.avg, f64(data.avg), src)]
+    written = [(a, a64 + weight * (s - a64)) for a, a64, s in zip(data.avg, f64(data.avg), src)]
     if case.op == "swag":
-        pairs_ += [(q, q64 + weight * (s * s - q64)) for q, q64, s in zip(data.sq_mean, f64(data.sq_mean), src)]
-    return pairs_
+        written += [(q, q64 + weight * (s * s - q64)) for q, q64, s in zip(data.sq_mean, f64(data.sq_mean), src)]
+    return written
 
 
 @pytest.mark.parametrize(("case", "provider"), CHECKED, ids=[f"{c.name}-{p.name}" for c, p in CHECKED])
@@ -55,7 +57,10 @@ def test_provider_computes_the_op(case, provider):
 
 
 def _fake_bench(rng: random.Random):
-    """A pytest-benchmark JSON with random medians for the CPU target cases; returns (json, medians)."""
+    """A pytest-benchmark JSON with random medians for two CPU target cases.
+
+    Returns (json, medians by (case, provider), copy GB/s, bytes per case).
+    """
     medians = {
         ("ema-gpt2-fp32", "torch:foreach"): rng.uniform(0.05, 0.2),
         ("ema-gpt2-fp32", "swm:cpp"): rng.uniform(0.05, 0.2),
@@ -90,7 +95,8 @@ def test_report_renders_rows_targets_and_chart(tmp_path, capsys):
     text = md.read_text()
     assert capsys.readouterr().out.strip() == text.strip()
     for (case, provider), median in medians.items():
-        row = next(line for line in text.splitlines() if re.match(rf"\| {case} \| \**{re.escape(provider)}\** \|", line))
+        pattern = rf"\| {case} \| \**{re.escape(provider)}\** \|"
+        row = next(line for line in text.splitlines() if re.match(pattern, line))
         assert f"| {median * 1e3:.3f} | {nbytes[case] / median / 1e9:.1f} |" in row
     ratio = medians[("ema-gpt2-fp32", "torch:foreach")] / medians[("ema-gpt2-fp32", "swm:cpp")]
     fraction = nbytes["ema-gpt2-fp32"] / medians[("ema-gpt2-fp32", "swm:cpp")] / 1e9 / copy_gbps

@@ -144,6 +144,7 @@ class Evaluator:
     def __init__(self, data: Data, settings: Settings):
         self.data = data
         self.model = make_model(settings).to(data.x_train.device)
+        self.parameter_names = {name for name, _ in self.model.named_parameters()}
         self.loader = [(data.x_train,)]  # one batch: BatchNorm gets the statistics of the whole training set
 
     @torch.no_grad()
@@ -151,8 +152,7 @@ class Evaluator:
         from .swa_utils import update_bn
 
         # Parameters only: update_bn resets and recomputes the BatchNorm buffers.
-        self.model.load_state_dict({n: t for n, t in state_dict.items() if n in dict(self.model.named_parameters())},
-                                   strict=False)
+        self.model.load_state_dict({n: t for n, t in state_dict.items() if n in self.parameter_names}, strict=False)
         torch.manual_seed(0)  # dropout is active while update_bn runs: fix its masks
         update_bn(self.loader, self.model)
         self.model.eval()
@@ -319,6 +319,8 @@ def compare(settings: Settings, progress: bool = True) -> Report:
 def _parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
+        if device.type != "cpu" and not hasattr(getattr(torch, device.type, None), "synchronize"):
+            raise RuntimeError(f"{device.type} is not a device that trains models")
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError for CUDA in a CPU build
         raise ValueError(f"--device {name!r} is not usable here: {str(exc).splitlines()[0]}") from None
@@ -329,7 +331,7 @@ def verdict(report: Report) -> str:
     """One plain sentence per averaged model: whether it beat the SGD last iterate on this run."""
     sgd = report.row("SGD")
     sentences = []
-    for prefix, label in (("EMA", "EMA"), ("SWA", "SWA"), ("SWM", "the SWM merge")):
+    for prefix, label in (("EMA", "EMA"), ("SWA", "SWA"), ("SWM", "The SWM merge")):
         row = report.row(prefix)
         better = {"accuracy": row.accuracy > sgd.accuracy, "NLL": row.nll < sgd.nll}
         change = f"{row.accuracy - sgd.accuracy:+.2f} points accuracy, {row.nll - sgd.nll:+.4f} NLL"

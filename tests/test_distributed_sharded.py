@@ -215,7 +215,11 @@ def _fsdp_part(rank, world, seed, checkpoint_dir) -> dict:
     model.load_state_dict(state["model"])
     for name, averager in {**averagers, **averaged_models}.items():
         averager.load_state_dict(state[name])
+    with torch.no_grad():  # leaves the averaged root unsharded; the updates below must still be seen
+        out["averaged_y_loaded"] = averaged_models["averaged"](x.float())
     _train(model, averagers, averaged_models, seed, rank, range(CHECKPOINT_STEP + 1, STEPS + 1), [])
+    with torch.no_grad():
+        out["averaged_y_final"] = averaged_models["averaged"](x.float())
     out["resumed"] = _results(averagers, averaged_models)
     out["resumed_counters"] = {name: (a.step, a.n_averaged) for name, a in averagers.items()}
     return out
@@ -400,10 +404,17 @@ def test_swapped_and_copy_to_work_on_shards(run):
 
 
 def test_dcp_resume_on_the_same_world_size_continues_bit_for_bit(run):
+    plain = make_model(run["seed"]).float()
+    x = eval_input(run["seed"]).float()
     for rank, result in enumerate(r["fsdp"] for r in run["ranks"]):
         for name, final in result["final"].items():
             _assert_bitwise(result["resumed"][name], final, f"rank {rank} resumed {name}")
         assert result["resumed_counters"] == {"ema": (STEPS, STEPS), "swa": (STEPS, STEPS - 1)}
+        # the sharded AveragedModel runs, and its forward sees the updates made after an earlier forward
+        _set_weights(plain, result["final"]["averaged"])
+        with torch.no_grad():
+            assert_close(result["averaged_y_final"], plain(x), 1e-5, 1e-4, what=f"rank {rank} AveragedModel forward")
+        assert not torch.allclose(result["averaged_y_final"], result["averaged_y_loaded"], atol=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -7,6 +7,7 @@ there is no GPU), or on CUDA tensors when a GPU is present and the interpreter i
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -390,3 +391,54 @@ def test_without_interpreter_and_cuda_it_says_why():
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"
+
+
+_COMPILE_SCRIPT = r"""
+import importlib, json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from swm_fused.triton import _multi_tensor, lerp, merge, swag
+anf = importlib.import_module("swm_fused.triton.any_nonfinite")
+assert not _multi_tensor.INTERPRETED
+tables = {"tensor_table": "*i64", "chunk_table": "*i64", "n_chunks": "i32"}
+flags = {"weight_bits": "i64", "weight_ptr": "*fp64", "found_inf_ptr": "*fp32"}
+f32, f64, bf16 = tl.float32, tl.float64, tl.bfloat16
+tile = dict(ROWS=1, BLOCK=4096)
+variants = {
+    "lerp": (lerp._lerp_kernel, flags, dict(AVG=f32, SRC=bf16, COMPUTE=f32, HAS_WEIGHT_TENSOR=True,
+                                            HAS_FOUND_INF=True, ALIGNED=False, **tile)),
+    "lerp_aligned": (lerp._lerp_kernel, flags, dict(AVG=bf16, SRC=f32, COMPUTE=f32, HAS_WEIGHT_TENSOR=False,
+                                                    HAS_FOUND_INF=False, ALIGNED=True, **tile)),
+    "swag_aligned": (swag._swag_kernel, flags, dict(MEAN=f64, SQ_MEAN=f32, SRC=bf16, MEAN_COMPUTE=f64,
+                                                    SQ_COMPUTE=f32, SRC_COMPUTE=f64, HAS_WEIGHT_TENSOR=True,
+                                                    HAS_FOUND_INF=True, ALIGNED=True, **tile)),
+    "merge_aligned": (merge._merge_kernel, {"extras": "*i64"}, dict(K=3, OUT=bf16, COMPUTE=f32, ALIGNED=True,
+                                                                    **tile)),
+    "any_nonfinite": (anf._any_nonfinite_kernel, {"flag_ptr": "*fp32"},
+                      dict(BITS=tl.int64, EXPONENT=0x7FF0000000000000, ROWS=32, BLOCK=128, ALIGNED=False)),
+}
+ptx = {}
+for name, (kernel, signature, constexprs) in variants.items():
+    signature = {**tables, **signature, **{k: "constexpr" for k in constexprs}}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(_multi_tensor.LAUNCH_OPTIONS))
+    ptx[name] = compiled.asm["ptx"]
+json.dump({name: {"fma": p.count("fma.rn"), "vector_loads": p.count("ld.global.v")} for name, p in ptx.items()},
+          sys.stdout)
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter checks no GPU typing rules, so compile the kernels for sm_90 with Triton's own
+    ptxas, no GPU needed: torch's fma lerp survives, merges fuse nothing, aligned groups vectorise."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(out.stdout)
+    assert counts["lerp"]["fma"] > 0 and counts["lerp_aligned"]["fma"] > 0 and counts["swag_aligned"]["fma"] > 0
+    assert counts["merge_aligned"]["fma"] == 0  # a multiply then an add, rounded twice, as the reference does
+    for name in ("lerp_aligned", "swag_aligned", "merge_aligned"):
+        assert counts[name]["vector_loads"] > 0, name
