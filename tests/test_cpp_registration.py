@@ -102,20 +102,47 @@ def test_compiled_fullgraph_matches_eager(flag):
                 and torch.equal(c.isnan(), e.isnan()), f"{name}[{i}] differs between compiled and eager"
 
 
-@pytest.mark.parametrize("call", ["lerp_", "swag_", "merge_"])
-def test_op_rejects_mismatched_lists_before_writing(call):
+def test_extension_validates_lists():
+    """This build checks lists in C++, so swm_fused/ops.py skips its per-tensor Python checks."""
+    assert cpp.VALIDATES_LISTS
+
+
+# Direct calls get the contract's messages without a public op name (swm_fused/ops.py adds it).
+_DIRECT_BAD_CALLS = {
+    "lerp_lengths": (lambda avg, src: OPS.lerp_(avg, src[:-1], 0.5, None, None), ValueError,
+                     "avg has 5 tensors but src has 4"),
+    "swag_shape": (lambda avg, src: OPS.swag_(avg, avg[:1] + src[1:], src[::-1], 0.5, None, None), ValueError,
+                   "shape mismatch at index 0: mean[0] has shape (3, 5) but src[0] has shape (33, 2)"),
+    "merge_count": (lambda avg, src: OPS.merge_(avg, src + src[:-1], [0.5, 0.5]), ValueError,
+                    "inputs has 9 tensors but 2 weights and 5 outputs need 10"),
+    "merge_device": (lambda avg, src: OPS.merge_(avg, src + src[:2] + [torch.empty((), device="meta")] + src[3:],
+                                                 [0.5, 0.5]), ValueError,
+                     "inputs[1][2] is on meta but out[0] is on cpu; all tensors must be on one device"),
+    "lerp_int_output": (lambda avg, src: OPS.lerp_(avg[:1] + [torch.zeros(7, dtype=torch.int32)] + avg[2:], src,
+                                                   0.5, None, None), TypeError,
+                        "avg[1] has dtype torch.int32; averages and outputs must be float32, float64, bfloat16 "
+                        "or float16"),
+    "lerp_meta_source": (lambda avg, src: OPS.lerp_(avg, src[:4] + [torch.empty(33, 2, device="meta")], 0.5, None,
+                                                    None), ValueError, "src[4] is on meta but avg[0] is on cpu"),
+    "any_nonfinite_device": (lambda avg, src: OPS.any_nonfinite(avg + [torch.empty((), device="meta")]),
+                             ValueError, "tensors[5] is on meta but tensors[0] is on cpu"),
+}
+
+
+@pytest.mark.parametrize("name", list(_DIRECT_BAD_CALLS))
+def test_op_rejects_bad_lists_before_writing(name):
+    """Checked before any kernel, on every device: a meta tensor in a CPU list would otherwise send
+    the whole call to the (silent) fake kernel."""
+    call, error, message = _DIRECT_BAD_CALLS[name]
     avg, src = _mixed(0), _mixed(1)
     before = _clones(avg)
-    with pytest.raises(RuntimeError, match="differ in size|different lengths|inputs"):
-        if call == "lerp_":
-            OPS.lerp_(avg, src[:-1], 0.5, None, None)
-        elif call == "swag_":
-            OPS.swag_(avg, _clones(avg), src[::-1], 0.5, None, None)
-        else:
-            OPS.merge_(avg, src + src[:-1], [0.5, 0.5])
+    with pytest.raises(error) as raised:
+        call(avg, src)
+    assert str(raised.value).startswith(message)
     assert all(torch.equal(b, a) for b, a in zip(before, avg)), "a rejected call wrote into avg"
 
 
-def test_op_rejects_integer_outputs():
-    with pytest.raises(RuntimeError, match="written tensors must be"):
-        OPS.lerp_([torch.zeros(3, dtype=torch.int32)], [torch.randn(3)], 0.5, None, None)
+def test_meta_lists_still_reach_the_fake_kernels():
+    meta = [torch.empty(s, device="meta") for s in SHAPES]
+    OPS.lerp_(meta, meta, 0.5, None, None)
+    assert OPS.any_nonfinite(meta).device.type == "meta"

@@ -48,7 +48,11 @@ def runs() -> Dict[str, Result]:
     }
     procs = {name: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                                     cwd=REPO) for name, command in commands.items()}
-    return {name: Result(proc.returncode, *proc.communicate(timeout=600)) for name, proc in procs.items()}
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        results[name] = Result(proc.returncode, stdout, stderr)
+    return results
 
 
 def table(stdout: str) -> List[demo.Row]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Dict, List, Sequence
 from unittest import mock
 
@@ -319,46 +320,182 @@ def test_any_nonfinite(backend, bad):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input: a clear error, raised before anything is written.
+# Bad input: a clear error, raised before anything is written. The Python checks (reference,
+# triton) and the C++ ones (cpp) must give the same error with the same message.
 
 def _bad_calls():
     f32, i64 = torch.float32, torch.int64
     a = lambda *s, d=f32: random_tensor(s, d)  # noqa: E731
+    meta = lambda *s: torch.empty(s, device="meta")  # noqa: E731
     return {
-        "lengths": (lambda x, y, o: swm_fused.ema_(x, y[:1], 0.9), ValueError, "has 2 tensors but src has 1"),
-        "shape": (lambda x, y, o: swm_fused.swa_(x, [y[0], a(3, 4)], 1), ValueError, "index 1"),
-        "int_average": (lambda x, y, o: swm_fused.ema_([x[0], a(3, d=i64)], y, 0.9), TypeError, "torch.int64"),
+        "lengths": (lambda x, y, o: swm_fused.ema_(x, y[:1], 0.9), ValueError,
+                    "ema_: avg has 2 tensors but src has 1"),
+        "swag_lengths": (lambda x, y, o: swm_fused.swag_(x, o[:1], y, 2), ValueError,
+                         "swag_: mean has 2 tensors but sq_mean has 1"),
+        "merge_lengths": (lambda x, y, o: swm_fused.merge_(o, [x, y[:1]], [0.5, 0.5]), ValueError,
+                          "merge_: out has 2 tensors but inputs[1] has 1"),
+        "shape": (lambda x, y, o: swm_fused.swa_(x, [y[0], a(3, 4)], 1), ValueError,
+                  "swa_: shape mismatch at index 1: avg[1] has shape (3,) but src[1] has shape (3, 4)"),
+        "shape_0dim": (lambda x, y, o: swm_fused.ema_(x, [y[0], a()], 0.9), ValueError,
+                       "ema_: shape mismatch at index 1: avg[1] has shape (3,) but src[1] has shape ()"),
+        "shape_transposed": (lambda x, y, o: swm_fused.ema_(x, [a(5, 4), y[1]], 0.9), ValueError,
+                             "ema_: shape mismatch at index 0: avg[0] has shape (4, 5) but src[0] has shape (5, 4)"),
+        "merge_shape": (lambda x, y, o: swm_fused.merge_(o, [x, [y[0], a(2)]], [0.5, 0.5]), ValueError,
+                        "merge_: shape mismatch at index 1: out[1] has shape (3,) but inputs[1][1] has shape (2,)"),
+        "swag_shape": (lambda x, y, o: swm_fused.swag_(x, [o[0], a(5)], y, 2), ValueError,
+                       "swag_: shape mismatch at index 1: mean[1] has shape (3,) but sq_mean[1] has shape (5,)"),
+        "int_average": (lambda x, y, o: swm_fused.ema_([x[0], a(3, d=i64)], y, 0.9), TypeError,
+                        "ema_: avg[1] has dtype torch.int64; averages and outputs must be float32, float64, "
+                        "bfloat16 or float16"),
         "bool_average": (lambda x, y, o: swm_fused.ema_([x[0], torch.ones(3, dtype=torch.bool)], y, 0.9),
-                         TypeError, "torch.bool"),
+                         TypeError, "ema_: avg[1] has dtype torch.bool;"),
+        "float8_average": (lambda x, y, o: swm_fused.swa_([x[0], a(3).to(torch.float8_e4m3fn)], y, 1), TypeError,
+                           "swa_: avg[1] has dtype torch.float8_e4m3fn;"),
+        "int_sq_mean": (lambda x, y, o: swm_fused.swag_(x, [o[0], a(3, d=i64)], y, 2), TypeError,
+                        "swag_: sq_mean[1] has dtype torch.int64; averages and outputs"),
+        "int_out": (lambda x, y, o: swm_fused.merge_([a(4, 5, d=torch.int32), o[1]], [x, y], [0.5, 0.5]),
+                    TypeError, "merge_: out[0] has dtype torch.int32;"),
         "int_source": (lambda x, y, o: swm_fused.ema_(x, [y[0], torch.ones(3, dtype=i64)], 0.9), TypeError,
-                       "src[1]"),
+                       "ema_: src[1] has dtype torch.int64; sources must be floating point"),
+        "complex_source": (lambda x, y, o: swm_fused.swag_(x, o, [a(4, 5).to(torch.complex64), y[1]], 2),
+                           TypeError, "swag_: src[0] has dtype torch.complex64; sources must be floating point"),
+        "int_merge_input": (lambda x, y, o: swm_fused.merge_(o, [x, [y[0], a(3, d=torch.uint8)]], [0.5, 0.5]),
+                            TypeError, "merge_: inputs[1][1] has dtype torch.uint8; sources must be floating point"),
         "decay_high": (lambda x, y, o: swm_fused.ema_(x, y, 1.5), ValueError, "decay"),
         "decay_negative": (lambda x, y, o: swm_fused.ema_(x, y, -0.1), ValueError, "decay"),
         "decay_nan": (lambda x, y, o: swm_fused.ema_(x, y, float("nan")), ValueError, "decay"),
         "weights_count": (lambda x, y, o: swm_fused.merge_(o, [x, y], [0.5]), ValueError, "1 weights for 2"),
-        "merge_shape": (lambda x, y, o: swm_fused.merge_(o, [x, [y[0], a(2)]], [0.5, 0.5]), ValueError,
-                        "inputs[1][1]"),
-        "merge_lengths": (lambda x, y, o: swm_fused.merge_(o, [x, y[:1]], [0.5, 0.5]), ValueError, "has 1"),
-        "swag_shape": (lambda x, y, o: swm_fused.swag_(x, [o[0], a(5)], y, 2), ValueError, "sq_mean[1]"),
+        "weights_nan": (lambda x, y, o: swm_fused.merge_(o, [x, y], [0.5, float("nan")]), ValueError,
+                        "weights[1]"),
         "negative_count": (lambda x, y, o: swm_fused.swa_(x, y, -1), ValueError, "n_averaged"),
         "found_inf_shape": (lambda x, y, o: swm_fused.ema_(x, y, 0.9, found_inf=torch.zeros(2)), ValueError,
                             "found_inf"),
-        "not_a_tensor": (lambda x, y, o: swm_fused.ema_(x, [y[0], [1.0, 2.0, 3.0]], 0.9), TypeError, "src[1]"),
-        "meta_device": (lambda x, y, o: swm_fused.ema_(x, [y[0], torch.empty(3, device="meta")], 0.9),
-                        ValueError, "device"),
+        "found_inf_device": (lambda x, y, o: swm_fused.ema_(x, y, 0.9, found_inf=meta()), ValueError,
+                             "ema_: found_inf is on meta but the tensors are on cpu"),
+        "not_a_tensor": (lambda x, y, o: swm_fused.ema_(x, [y[0], [1.0, 2.0, 3.0]], 0.9), TypeError,
+                         "ema_: src[1] is a list, not a Tensor"),
+        "meta_device": (lambda x, y, o: swm_fused.ema_(x, [y[0], meta(3)], 0.9), ValueError,
+                        "ema_: src[1] is on meta but avg[0] is on cpu; all tensors must be on one device"),
+        "swag_meta_device": (lambda x, y, o: swm_fused.swag_(x, [o[0], meta(3)], y, 2), ValueError,
+                             "swag_: sq_mean[1] is on meta but mean[0] is on cpu"),
+        "merge_meta_device": (lambda x, y, o: swm_fused.merge_(o, [x, [meta(4, 5), y[1]]], [0.5, 0.5]),
+                              ValueError, "merge_: inputs[1][0] is on meta but out[0] is on cpu"),
+        "any_nonfinite_meta_device": (lambda x, y, o: swm_fused.any_nonfinite([x[0], y[1], meta(2)]), ValueError,
+                                      "any_nonfinite: tensors[2] is on meta but tensors[0] is on cpu"),
+        "any_nonfinite_int_on_meta": (lambda x, y, o: swm_fused.any_nonfinite(
+            [x[0], torch.ones(2, dtype=i64, device="meta")]), ValueError, "tensors[1] is on meta"),
+        # Several rules broken at once: the first in the contract's order wins, on every backend.
+        "lengths_before_dtype": (lambda x, y, o: swm_fused.ema_([a(4, 5, d=i64), x[1]], y[:1], 0.9), ValueError,
+                                 "ema_: avg has 2 tensors but src has 1"),
+        "dtype_before_shape": (lambda x, y, o: swm_fused.ema_(x, [a(2, d=i64), y[1]], 0.9), TypeError,
+                               "ema_: src[0] has dtype torch.int64; sources must be floating point"),
+        "list_by_list": (lambda x, y, o: swm_fused.ema_([x[0], a(3, d=i64)], [meta(4, 5), y[1]], 0.9), TypeError,
+                         "ema_: avg[1] has dtype torch.int64"),
+        "index_by_index": (lambda x, y, o: swm_fused.ema_(x, [a(1), a(3, d=i64)], 0.9), ValueError,
+                           "ema_: shape mismatch at index 0"),
+        "device_before_later_dtype": (lambda x, y, o: swm_fused.merge_(o, [[meta(4, 5), x[1]], [y[0], a(3, d=i64)]],
+                                                                       [0.5, 0.5]), ValueError,
+                                      "merge_: inputs[0][0] is on meta but out[0] is on cpu"),
+        "scalars_before_tensors": (lambda x, y, o: swm_fused.ema_([x[0], a(3, d=i64)], y, 2.0), ValueError,
+                                   "ema_: decay must be in [0, 1]"),
     }
 
 
-@pytest.mark.parametrize("name", list(_bad_calls()))
-def test_bad_input_raises_clearly_and_writes_nothing(name):
-    call, error, text = _bad_calls()[name]
+def _bad_input_data():
     x = [random_tensor((4, 5), torch.float32), random_tensor((3,), torch.bfloat16)]
     y = [random_tensor((4, 5), torch.float16), random_tensor((3,), torch.float32)]
     o = [random_tensor((4, 5), torch.float32), random_tensor((3,), torch.float32)]
+    return x, y, o
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_raises_clearly_and_writes_nothing(backend, name):
+    call, error, text = _bad_calls()[name]
+    x, y, o = _bad_input_data()
     before = clones(x + y + o)
-    with pytest.raises(error, match=text.replace("[", r"\[").replace("]", r"\]")):
+    with use_backend(backend), pytest.raises(error, match=re.escape(text)) as raised:
         call(x, y, o)
-    assert_unchanged(before, x + y + o, name)
+    assert_unchanged(before, x + y + o, f"{backend} {name}")
+    with use_backend("reference"), pytest.raises(error) as expected:
+        call(*(clones(t) for t in (x, y, o)))
+    assert str(raised.value) == str(expected.value)
+
+
+def _dtypes_that_are_never_averages() -> List[torch.dtype]:
+    dtypes = {v for v in vars(torch).values() if isinstance(v, torch.dtype)} - set(FLOAT_DTYPES)
+    constructible = []
+    for dtype in sorted(dtypes, key=str):
+        try:
+            torch.empty(1, dtype=dtype)
+        except (RuntimeError, TypeError):
+            continue
+        constructible.append(dtype)
+    return constructible
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # complex32 is experimental, quantized dtypes deprecated
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_every_dtype_is_named_as_python_prints_it(backend):
+    """Each rejected dtype's message equals the Python checks' (which print str(dtype))."""
+    x, y, _ = _bad_input_data()
+    for dtype in _dtypes_that_are_never_averages():
+        calls = [lambda: swm_fused.ema_([x[0], torch.empty(3, dtype=dtype)], y, 0.9)]
+        if not dtype.is_floating_point:
+            calls.append(lambda: swm_fused.ema_(x, [y[0], torch.empty(3, dtype=dtype)], 0.9))
+        for call in calls:
+            messages = []
+            for b in ("reference", backend):
+                with use_backend(b), pytest.raises(TypeError) as raised:
+                    call()
+                messages.append(str(raised.value))
+            assert str(dtype) in messages[0] and messages[1] == messages[0], f"{backend} {dtype}"
+
+
+def _flat_pair(avg_specs, src_specs):
+    """Two FlatBuffers with one layout, built from (shape, dtype, device) specs, with random values."""
+    avg, src = FlatBuffer(avg_specs), FlatBuffer(src_specs)
+    for s in avg.storages + src.storages:
+        if s.device.type != "meta":
+            s.copy_(random_tensor(s.shape, torch.float64))
+    assert avg.layout_key() == src.layout_key()
+    return avg, src
+
+
+_BAD_FLAT = {  # the second group starts at view 2, so a storage's message must name view 2
+    "int_group": ([((4, 5), torch.float32, "cpu"), ((3,), torch.float32, "cpu"), ((2,), torch.int64, "cpu")],
+                  [((4, 5), torch.float16, "cpu"), ((3,), torch.float16, "cpu"), ((2,), torch.float32, "cpu")],
+                  TypeError, "ema_: avg[2] has dtype torch.int64"),
+    "meta_group": ([((4, 5), torch.float32, "cpu"), ((3,), torch.float32, "cpu"), ((2,), torch.float16, "cpu")],
+                   [((4, 5), torch.float16, "cpu"), ((3,), torch.float16, "cpu"), ((2,), torch.float32, "meta")],
+                   ValueError, "ema_: src[2] is on meta but avg[0] is on cpu"),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_FLAT))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_flat_input_names_the_view_like_a_list_would(backend, name):
+    avg_specs, src_specs, error, text = _BAD_FLAT[name]
+    avg, src = _flat_pair(avg_specs, src_specs)
+    before = clones([s for s in avg.storages + src.storages if s.device.type != "meta"])
+    with use_backend(backend), pytest.raises(error, match=re.escape(text)) as raised:
+        swm_fused.ema_(avg, src, 0.9)
+    assert_unchanged(before, [s for s in avg.storages + src.storages if s.device.type != "meta"], name)
+    with use_backend("reference"), pytest.raises(error) as as_lists:
+        swm_fused.ema_(list(avg.views), list(src.views), 0.9)
+    assert str(raised.value) == str(as_lists.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_nonfinite_skips_tensors_that_cannot_hold_nan(backend):
+    ints = [torch.randint(-9, 9, (5,)), torch.ones(3, dtype=torch.bool)]
+    floats = [random_tensor((7,), torch.bfloat16), random_tensor((4,), torch.float32)]
+    floats[1][int(torch.randint(0, 4, ()).item())] = float("nan")
+    with use_backend(backend):
+        assert swm_fused.any_nonfinite(ints + floats).item() == 1.0
+        assert swm_fused.any_nonfinite(ints + floats[:1]).item() == 0.0
+        only_ints = swm_fused.any_nonfinite(ints)
+    assert only_ints.item() == 0.0 and only_ints.dtype == torch.float32 and only_ints.dim() == 0
 
 
 def test_empty_lists_are_a_no_op():

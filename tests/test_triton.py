@@ -189,14 +189,19 @@ def test_swag_matches_reference(pair):
         assert_same(means + sq_means, expected_means + expected_sq, f"swag_ w={weight} found_inf={found_inf}")
 
 
-def test_swag_with_mean_and_sq_mean_of_different_dtypes():
-    means = [rand(n, torch.float32) for n in SIZES]
-    sq_means = [(m.double() ** 2).to(torch.bfloat16) for m in means]
-    srcs = [rand(n, torch.float16) for n in SIZES]
-    expected_means, expected_sq = clones(means), clones(sq_means)
-    reference.swag_(expected_means, expected_sq, srcs, 0.2, None, None)
-    triton_backend.swag_(means, sq_means, srcs, 0.2, None, None)
-    assert_same(means + sq_means, expected_means + expected_sq, "swag_ fp32 mean, bf16 sq_mean")
+@pytest.mark.parametrize("pair", [(torch.float32, torch.bfloat16), (torch.float32, torch.float64),
+                                  (torch.float64, torch.float32)], ids=_id)
+def test_swag_with_mean_and_sq_mean_of_different_dtypes(pair):
+    """Each moment is computed in its own compute type, as the reference does."""
+    mean_dtype, sq_dtype = pair
+    for src_dtype in (torch.float64, torch.float16):
+        means = [rand(n, mean_dtype) for n in SIZES]
+        sq_means = [(m.double() ** 2).to(sq_dtype) for m in means]
+        srcs = [rand(n, src_dtype, scale=3.0) for n in SIZES]
+        expected_means, expected_sq = clones(means), clones(sq_means)
+        reference.swag_(expected_means, expected_sq, srcs, 0.2, None, None)
+        triton_backend.swag_(means, sq_means, srcs, 0.2, None, None)
+        assert_same(means + sq_means, expected_means + expected_sq, f"swag_ {pair} from {src_dtype}")
 
 
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=str)
