@@ -262,14 +262,14 @@ def any_nonfinite(tensors: TensorList) -> Tensor:
     Tensors of other dtypes cannot hold NaN/Inf and are skipped, but all must share one
     device. Never synchronises with the host; pass the result as ``found_inf`` to skip a step.
     """
-    lists = _as_list("any_nonfinite", "tensors", tensors)
-    device = _first_device(lists)
+    tensor_list = _as_list("any_nonfinite", "tensors", tensors)
+    device = _first_device(tensor_list)
     if device is None:
         return torch.zeros((), dtype=torch.float32)
-    backend, (lists,) = _checked_backend("any_nonfinite", [("tensors", tensors, lists)], (), device,
+    backend, (tensor_list,) = _checked_backend("any_nonfinite", [("tensors", tensors, tensor_list)], (), device,
                                          any_dtype=True)
     if not getattr(backend, "VALIDATES_LISTS", False):  # such backends skip the other dtypes themselves
-        lists = [t for t in lists if t.is_floating_point()]
-        if not lists:
+        tensor_list = [t for t in tensor_list if t.is_floating_point()]
+        if not tensor_list:
             return torch.zeros((), dtype=torch.float32, device=device)
-    return _call("any_nonfinite", backend, "any_nonfinite", lists)
+    return _call("any_nonfinite", backend, "any_nonfinite", tensor_list)
