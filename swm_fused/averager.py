@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .distributed import local_shard
+from .distributed import fsdp_modules, local_shard, reshard_fsdp
 from .flat import FlatBuffer
 from .ops import any_nonfinite, ema_, swa_
 
@@ -100,27 +100,6 @@ def _dtensor_type() -> Optional[type]:
         return None
     from torch.distributed.tensor import DTensor
     return DTensor
-
-
-def _fsdp_modules(model: ModelLike) -> List[nn.Module]:
-    """The FSDP2 (``fully_shard``) modules inside ``model``."""
-    if not isinstance(model, nn.Module) or not torch.distributed.is_available():
-        return []
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch 2.5 keeps FSDP2 under _composable
-        from torch.distributed._composable.fsdp import FSDPModule
-    return [module for module in model.modules() if isinstance(module, FSDPModule)]
-
-
-def _reshard(modules: Sequence[nn.Module]) -> None:
-    """Put FSDP2's sharded parameters back in place (local, no communication).
-
-    After a forward without backward FSDP2 keeps the root's parameters unsharded
-    and the next forward reuses them, so writes into the shards would go unseen.
-    """
-    for module in modules:
-        module.reshard()
 
 
 def _model_layout(average: Tensor, tensor: Tensor) -> Tensor:
@@ -282,8 +261,8 @@ class WeightAverager:
             raise TypeError(f"WeightAverager: warmup must be an EMAWarmup, a dict or None, got {type(warmup).__name__}")
         if warmup is not None and mode != "ema":
             raise ValueError("WeightAverager: warmup only applies to mode='ema'")
-        self._fsdp_modules = _fsdp_modules(model)
-        _reshard(self._fsdp_modules)  # so named_parameters() yields the sharded parameters
+        self._fsdp_modules = fsdp_modules(model)
+        reshard_fsdp(self._fsdp_modules)  # so named_parameters() yields the sharded parameters
         named = _named_tensors(model, include_buffers, "WeightAverager: model")
         if not named:
             raise ValueError("WeightAverager: the model has no tensors to average")
@@ -373,7 +352,7 @@ class WeightAverager:
         """Save the training weights, then write the average (cast to the model's dtypes) into the model."""
         if self._stash is not None:
             raise RuntimeError("WeightAverager: the average is already swapped into the model")
-        _reshard(self._fsdp_modules)
+        reshard_fsdp(self._fsdp_modules)
         live, average = self._live_and_average()
         self._stash = FlatBuffer.from_tensors(live)
         try:
@@ -387,7 +366,7 @@ class WeightAverager:
         """Restore the training weights saved by :meth:`_swap_in`, bit for bit."""
         if self._stash is None:
             raise RuntimeError("WeightAverager: the average is not swapped into the model")
-        _reshard(self._fsdp_modules)
+        reshard_fsdp(self._fsdp_modules)
         live, _ = self._live_and_average()
         torch._foreach_copy_(live, self._stash.views)
         self._stash = None
@@ -414,7 +393,7 @@ class WeightAverager:
         shard to shard; a plain tensor that receives a sharded average gathers it
         (a collective: call ``copy_to`` on every rank).
         """
-        _reshard(_fsdp_modules(model))
+        reshard_fsdp(fsdp_modules(model))
         targets = dict(_named_tensors(model, self.include_buffers, "copy_to: model"))
         self._check_names_and_shapes("copy_to", {n: t.shape for n, t in targets.items()})
         average = self.average_state_dict()

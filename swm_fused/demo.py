@@ -15,7 +15,7 @@ import argparse
 import math
 import time
 from dataclasses import dataclass, fields
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ StateDict = Dict[str, Tensor]
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of the demo run; the command line sets the first ten."""
+    """Every knob of the demo run; the command line sets those named in FLAG_HELP."""
 
     trajectories: int = 4
     epochs: int = 40
@@ -48,20 +48,16 @@ class Settings:
         return min(self.epochs - 1, max(1, round(self.epochs * self.swa_start)))
 
     def check(self) -> None:
-        """ValueError naming the first setting out of range (the flag's name for flags)."""
-        def flag(name: str) -> str:
-            return "--" + name.replace("_", "-")
-
+        """ValueError naming the first setting out of range, by its flag where it has one."""
         for name in ("trajectories", "epochs", "batch_size"):
-            low = 2
-            if getattr(self, name) < low:
-                raise ValueError(f"{flag(name)} must be at least {low}, got {getattr(self, name)}")
+            if getattr(self, name) < 2:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 2, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         for name in ("lr", "swa_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{flag(name)} must be a finite number > 0, got {value}")
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
         if not 0.0 < self.swa_start < 1.0:
             raise ValueError(f"--swa-start must be in (0, 1), got {self.swa_start}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -330,7 +326,7 @@ def _parse_device(name: str) -> torch.device:
 def verdict(report: Report) -> str:
     """One plain sentence per averaged model: whether it beat the SGD last iterate on this run."""
     sgd = report.row("SGD")
-    sentences = []
+    sentences = [f"On this run (one test image is {100 / report.n_test:.2f} points of accuracy):"]
     for prefix, label in (("EMA", "EMA"), ("SWA", "SWA"), ("SWM", "The SWM merge")):
         row = report.row(prefix)
         better = {"accuracy": row.accuracy > sgd.accuracy, "NLL": row.nll < sgd.nll}
@@ -367,11 +363,12 @@ def format_report(report: Report) -> str:
     ]
     fused_us = report.fused_seconds / report.ema_updates * 1e6
     torch_us = report.torch_seconds / report.ema_updates * 1e6
+    clock = "CPU" if torch.device(s.device).type == "cpu" else "wall"
     lines.append(
-        f"EMA update time ({report.ema_updates} updates of {report.n_params:,} parameters): swm_fused "
-        f"WeightAverager {fused_us:.0f} us/update, torch AveragedModel + get_ema_multi_avg_fn {torch_us:.0f} "
-        f"us/update ({torch_us / max(fused_us, 1e-9):.2f}x). At this size both are per-call Python overhead, "
-        "not memory traffic; `python -m pytest bench/` compares them on large models.")
+        f"EMA update, {clock} time per step ({report.ema_updates} updates): swm_fused WeightAverager.update "
+        f"{fused_us:.0f} us, torch AveragedModel.update_parameters with get_ema_multi_avg_fn {torch_us:.0f} us "
+        f"({torch_us / max(fused_us, 1e-9):.2f}x). With {report.n_params:,} parameters both are bound by "
+        "per-call Python overhead, not memory traffic; bench/ compares them on large models.")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from .flat import FlatBuffer
 from .ops import merge_
@@ -28,6 +28,27 @@ def local_shard(tensor: Tensor) -> Tensor:
         if isinstance(tensor, DTensor):
             return tensor.to_local()
     return tensor
+
+
+def fsdp_modules(model: object) -> List[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules inside ``model``."""
+    if not isinstance(model, nn.Module) or not torch.distributed.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch 2.5 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import FSDPModule
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def reshard_fsdp(modules: Sequence[nn.Module]) -> None:
+    """Put FSDP2's sharded parameters back in place (local, no communication).
+
+    After a forward without backward FSDP2 keeps the root's parameters unsharded
+    and the next forward reuses them, so writes into the shards would go unseen.
+    """
+    for module in modules:
+        module.reshard()
 
 
 def _as_list(tensors: TensorList) -> List[Tensor]:

@@ -38,8 +38,7 @@ from torch.optim.swa_utils import SWALR, update_bn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import ops
-from .averager import _fsdp_modules, _reshard
-from .distributed import local_shard
+from .distributed import fsdp_modules, local_shard, reshard_fsdp
 
 __all__ = [
     "AveragedModel",
@@ -249,7 +248,7 @@ class AveragedModel(Module):
         if dtype is not None and dtype not in ops.AVERAGE_DTYPES:
             raise TypeError(f"AveragedModel: dtype must be torch.float32, float64, bfloat16, float16 "
                             f"or None, got {dtype}")
-        if _fsdp_modules(model):
+        if fsdp_modules(model):
             raise TypeError("AveragedModel: FSDP2 (fully_shard) modules cannot be deep-copied; build "
                             "AveragedModel(model) before fully_shard(model), then fully_shard(averaged.module) "
                             "the same way, or use swm_fused.WeightAverager(model)")
@@ -287,7 +286,7 @@ class AveragedModel(Module):
         """
         ours, theirs = _unwrap(self.module), _unwrap(model)
         # FSDP2 may hold unsharded parameters after a forward; averaging works on the shards
-        _reshard(_fsdp_modules(ours) + _fsdp_modules(theirs))
+        reshard_fsdp(fsdp_modules(ours) + fsdp_modules(theirs))
         averaged = _pair_by_name("parameter", list(ours.named_parameters()), list(theirs.named_parameters()))
         buffers = _pair_by_name("buffer", list(ours.named_buffers()), list(theirs.named_buffers()))
         if self.use_buffers:

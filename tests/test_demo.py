@@ -71,7 +71,7 @@ def table(stdout: str) -> List[demo.Row]:
 
 def results_part(stdout: str) -> str:
     """Everything that must repeat for one seed: all output before the timing lines."""
-    return stdout[:stdout.index("EMA update time")]
+    return stdout[:stdout.index("EMA update, ")]
 
 
 def test_demo_prints_every_row(runs):
@@ -87,8 +87,8 @@ def test_demo_prints_every_row(runs):
     barrier = re.search(r"interpolation barrier .*: (\S+) test NLL\n  test NLL along the line: (.*)", result.stdout)
     assert barrier, result.stdout
     assert float(barrier[1]) >= 0.0 and len(barrier[2].split()) == 11
-    timing = re.search(r"WeightAverager (\S+) us/update, torch AveragedModel .* (\S+) us/update \((\S+)x\)",
-                       result.stdout)
+    timing = re.search(r"WeightAverager.update (\S+) us, torch AveragedModel.update_parameters .* (\S+) us "
+                       r"\((\S+)x\)", result.stdout)
     assert timing and all(float(v) > 0 for v in timing.groups()), result.stdout
     for label in ("EMA", "SWA", "The SWM merge"):
         assert re.search(rf"{label} (beat|did not beat) the SGD last iterate", result.stdout), result.stdout
