@@ -19,10 +19,13 @@ from .flat import FlatBuffer
 from .ops import merge_
 
 TensorList = Union[Tensor, Sequence[Tensor], FlatBuffer]
+_PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 
 def local_shard(tensor: Tensor) -> Tensor:
     """The part of ``tensor`` this rank holds: ``to_local()`` for a DTensor, the tensor itself otherwise."""
+    if type(tensor) in _PLAIN_TENSOR_TYPES:  # the common case, checked without an import per call
+        return tensor
     if dist.is_available():
         from torch.distributed.tensor import DTensor
         if isinstance(tensor, DTensor):
