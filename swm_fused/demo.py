@@ -8,6 +8,15 @@ model in the table, the SGD iterates included, is scored after update_bn recompu
 its BatchNorm statistics on the training set, so rows differ only in their weights.
 The prediction ensemble of the K final SGD models is the reference that one merged
 model approximates at K times lower inference cost.
+
+The defaults (constant lr 0.05, SWA over the last 40% of the epochs, EMA decay 0.998)
+came from a settings search on seeds 100-102 and were checked on seeds 0-9: EMA, SWA and
+the SWM merge each beat the last SGD iterate in test accuracy on 8 or 9 of the 10 seeds
+and in NLL on 8, by small margins (about 0.25 points, one or two test images, and
+0.01-0.02 NLL); the ensemble gains most in NLL. On seeds 0-4 SWA also edged out SGD runs
+whose learning rate anneals to near zero over the same epochs. A larger SWA-phase learning
+rate widens SWA's lead over the last iterate only because that iterate gets worse. The
+demo prints what held on each run.
 """
 from __future__ import annotations
 
@@ -31,20 +40,20 @@ class Settings:
     epochs: int = 40
     seed: int = 0
     device: str = "cpu"
-    lr: float = 0.1               # SGD learning rate before the SWA phase
+    lr: float = 0.05              # SGD learning rate before the SWA phase
     swa_lr: float = 0.05          # constant learning rate of the SWA phase (SWALR)
     swa_start: float = 0.6        # the SWA phase starts after this fraction of the epochs
-    ema_decay: float = 0.995      # per step
+    ema_decay: float = 0.998      # per step
     batch_size: int = 32
     width: int = 128
     dropout: float = 0.2
     weight_decay: float = 5e-4
     momentum: float = 0.9
-    anneal_epochs: int = 4        # SWALR's cosine ramp from lr to swa_lr
+    anneal_epochs: int = 4        # SWALR's cosine ramp from lr to swa_lr, at the start of the SWA phase
 
     @property
     def swa_start_epoch(self) -> int:
-        """Number of epochs trained before the first SWA update (at least one)."""
+        """Epochs trained at ``lr`` before the SWA phase; the phase (at least one epoch) is the rest."""
         return min(self.epochs - 1, max(1, round(self.epochs * self.swa_start)))
 
     def check(self) -> None:
@@ -81,6 +90,7 @@ FLAG_HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's flags, with the defaults of :class:`Settings`."""
     defaults = Settings()
     for field in fields(Settings):
         if field.name in FLAG_HELP:
@@ -90,6 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Data:
+    """Standardised images (N x 64 float32) and labels, split into train and test."""
+
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
@@ -98,7 +110,11 @@ class Data:
 
 def load_digits_data(seed: int, device: torch.device) -> Data:
     """scikit-learn's bundled 8x8 digits (1,797 images, no download), split 2:1 by ``seed`` and standardised."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RuntimeError("the demo needs scikit-learn for its bundled digits data: "
+                           "pip install 'swm_fused[demo]'") from None
 
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32)
@@ -149,15 +165,19 @@ class Evaluator:
 
         # Parameters only: update_bn resets and recomputes the BatchNorm buffers.
         self.model.load_state_dict({n: t for n, t in state_dict.items() if n in self.parameter_names}, strict=False)
-        torch.manual_seed(0)  # dropout is active while update_bn runs: fix its masks
-        update_bn(self.loader, self.model)
+        device = self.data.x_train.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)  # dropout is active while update_bn runs: fix its masks
+            update_bn(self.loader, self.model)
         self.model.eval()
         return torch.log_softmax(self.model(self.data.x_test), dim=1)
 
     def scores(self, state_dict: StateDict) -> Tuple[float, float]:
+        """(test accuracy in %, test NLL) of ``state_dict``'s parameters."""
         return scores(self.log_probs(state_dict), self.data.y_test)
 
     def nll(self, state_dict: StateDict) -> float:
+        """Test NLL of ``state_dict``'s parameters (a loss for interpolation_barrier)."""
         return self.scores(state_dict)[1]
 
 
@@ -167,7 +187,7 @@ class Trajectory:
 
     final: StateDict   # last SGD iterate
     ema: StateDict     # EMA of the iterates, one update per step
-    swa: StateDict     # SWA of the iterates at the end of each SWA-phase epoch
+    swa: StateDict     # SWA of the iterates at the end of each SWA-phase epoch (SWALR's phase)
     fused_seconds: float
     torch_seconds: float
     ema_updates: int
@@ -215,6 +235,9 @@ def train_trajectory(index: int, init: StateDict, data: Data, settings: Settings
     clock = _update_clock(device)
     updates = 0
     for epoch in range(settings.epochs):
+        in_swa_phase = epoch >= settings.swa_start_epoch
+        if in_swa_phase:
+            scheduler.step()  # SWALR: anneal towards swa_lr, then hold it
         model.train()
         for xb, yb in batches(data.x_train, data.y_train, settings.batch_size, order):
             optimizer.zero_grad(set_to_none=True)
@@ -226,9 +249,8 @@ def train_trajectory(index: int, init: StateDict, data: Data, settings: Settings
                 update()
                 seconds[name] += clock() - t0
             updates += 1
-        if epoch + 1 >= settings.swa_start_epoch:
+        if in_swa_phase:
             swa.update()
-            scheduler.step()
         on_epoch()
     return Trajectory(final=_clone(dict(model.named_parameters())), ema=_clone(ema.average_state_dict()),
                       swa=_clone(swa.average_state_dict()), fused_seconds=seconds["fused"],
@@ -237,6 +259,8 @@ def train_trajectory(index: int, init: StateDict, data: Data, settings: Settings
 
 @dataclass
 class Row:
+    """One line of the results table."""
+
     name: str
     accuracy: float   # test accuracy, %
     nll: float        # test negative log-likelihood, nats
@@ -245,6 +269,8 @@ class Row:
 
 @dataclass
 class Report:
+    """Everything the demo prints, as numbers."""
+
     settings: Settings
     n_train: int
     n_test: int
@@ -257,6 +283,7 @@ class Report:
     ema_updates: int
 
     def row(self, prefix: str) -> Row:
+        """The table row whose name starts with ``prefix``."""
         return next(r for r in self.rows if r.name.startswith(prefix))
 
 
@@ -343,6 +370,7 @@ def verdict(report: Report) -> str:
 
 
 def format_report(report: Report) -> str:
+    """The demo's printed output: settings, table, verdict, barrier and update timing."""
     s = report.settings
     lines = [
         f"digits: {report.n_train} train / {report.n_test} test images; {s.trajectories} trajectories x {s.epochs} "
@@ -373,6 +401,7 @@ def format_report(report: Report) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``swm-fused demo``: train, compare, print. Bad settings raise ValueError before any work."""
     started = time.perf_counter()
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)})
     print(format_report(compare(settings)))
