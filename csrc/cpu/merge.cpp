@@ -9,6 +9,8 @@ namespace {
 // Inputs read together in one pass over a block. Reading a few inputs side by side keeps
 // every input streaming; one pass per input over the block runs at half that bandwidth.
 constexpr size_t kGroup = 4;
+// Elements per block: bigger than kBlock, as longer runs per input stream faster here.
+constexpr int64_t kMergeBlock = 2048;
 
 // acc <- w[0] * x[0], then acc <- acc + w[g] * x[g] for each further input when `first`;
 // else acc <- acc + w[g] * x[g] for every g. A product rounded, then a sum rounded, as
@@ -48,11 +50,11 @@ template <typename C>
 void merge_range(const Operand& out, const Operand* inputs, size_t stride, const std::vector<C>& w,
                  int64_t lo, int64_t hi) {
   static_assert(kGroup == 4, "accumulate_group's switch covers groups of 1 to 4 inputs");
-  alignas(64) C acc[kBlock];
-  alignas(64) C x_buf[kGroup][kBlock];
+  alignas(64) C acc[kMergeBlock];
+  alignas(64) C x_buf[kGroup][kMergeBlock];
   const C* x[kGroup];
-  for (int64_t b = lo; b < hi; b += kBlock) {
-    const int64_t n = std::min(kBlock, hi - b);
+  for (int64_t b = lo; b < hi; b += kMergeBlock) {
+    const int64_t n = std::min(kMergeBlock, hi - b);
     for (size_t k0 = 0; k0 < w.size(); k0 += kGroup) {
       const size_t group = std::min(kGroup, w.size() - k0);
       for (size_t g = 0; g < group; ++g) x[g] = as_compute<C>(inputs[(k0 + g) * stride], b, n, x_buf[g]);
