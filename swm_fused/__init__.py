@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "WeightAverager": "swm_fused.averager",
     "EMAWarmup": "swm_fused.averager",
+    "AveragingEngine": "swm_fused.engine",
+    "flatten_parameters": "swm_fused.engine",
+    "engine": "swm_fused.engine",
     "SWAG": "swm_fused.swag",
     "swa_utils": "swm_fused.swa_utils",
     "optim": "swm_fused.optim",

@@ -29,14 +29,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .distributed import fsdp_modules, local_shard, reshard_fsdp
-from .flat import FlatBuffer
-from .ops import any_nonfinite, ema_, swa_
+from .engine import AveragingEngine, check_meshes, named_tensors, part_for
 
 ModelLike = Union[nn.Module, Mapping[str, Tensor]]
 
@@ -62,15 +61,20 @@ class EMAWarmup:
     min_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.update_after_step, bool) or not isinstance(self.update_after_step, numbers.Integral) \
-                or self.update_after_step < 0:
+        # the package's rule: a wrong type is a TypeError, a wrong value of the right type a ValueError
+        if isinstance(self.update_after_step, bool) or not isinstance(self.update_after_step, numbers.Integral):
+            raise TypeError(f"EMAWarmup: update_after_step must be an int, got {type(self.update_after_step).__name__}")
+        if self.update_after_step < 0:
             raise ValueError(f"EMAWarmup: update_after_step must be an int >= 0, got {self.update_after_step!r}")
+        for name in ("warmup_gamma", "warmup_power", "min_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"EMAWarmup: {name} must be a number, got {type(value).__name__}")
         for name in ("warmup_gamma", "warmup_power"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+            if not value > 0:
                 raise ValueError(f"EMAWarmup: {name} must be a number > 0, got {value!r}")
-        if isinstance(self.min_decay, bool) or not isinstance(self.min_decay, numbers.Real) \
-                or not 0.0 <= self.min_decay <= 1.0:
+        if not 0.0 <= self.min_decay <= 1.0:
             raise ValueError(f"EMAWarmup: min_decay must be in [0, 1], got {self.min_decay!r}")
 
     def decay_at(self, step: int, decay: float) -> float:
@@ -84,127 +88,6 @@ class EMAWarmup:
             return 0.0
         warm = 1 - (1 + k / self.warmup_gamma) ** -self.warmup_power
         return max(min(warm, decay), self.min_decay)
-
-
-def _local_tensor(tensor: Tensor) -> Tensor:
-    """The tensor this process averages for a model tensor: a DTensor's local shard, else the tensor.
-
-    Every access to the model's tensors goes through here. The shard is looked up
-    each time because FSDP2 may rebind a parameter's local tensor.
-    """
-    return local_shard(tensor)
-
-
-def _dtensor_type() -> Optional[type]:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-    return DTensor
-
-
-def _model_layout(average: Tensor, tensor: Tensor) -> Tensor:
-    """``average`` (this rank's part) laid out like the model tensor: a DTensor wrapping it, without
-    copying or communicating, when ``tensor`` is a DTensor; ``average`` itself otherwise."""
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(tensor, dtensor):
-        return average
-    return dtensor.from_local(average, tensor.device_mesh, tensor.placements, run_check=False,
-                              shape=tensor.shape, stride=tensor.stride())
-
-
-def _part_for(source: Tensor, tensor: Tensor) -> Tensor:
-    """The part of ``source`` (a full tensor or a DTensor) that this rank holds of ``tensor``.
-
-    Shards with the same layout are used as they are; other layouts are redistributed,
-    gathered (a plain ``tensor``, every rank must call) or sliced locally (a plain ``source``).
-    """
-    dtensor = _dtensor_type()
-    if dtensor is None:
-        return source
-    if isinstance(tensor, dtensor):
-        if not isinstance(source, dtensor):
-            from torch.distributed.tensor import distribute_tensor
-            return distribute_tensor(source, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
-        if source.device_mesh != tensor.device_mesh or tuple(source.placements) != tuple(tensor.placements):
-            source = source.redistribute(tensor.device_mesh, tensor.placements)
-        return source.to_local()
-    return source.full_tensor() if isinstance(source, dtensor) else source
-
-
-def _named_tensors(model: ModelLike, include_buffers: bool, what: str) -> List[Tuple[str, Tensor]]:
-    """(name, tensor) pairs an averager covers: parameters, then buffers if asked."""
-    if isinstance(model, nn.Module):
-        named = list(model.named_parameters())
-        if include_buffers:
-            named += list(model.named_buffers())
-        return named
-    if isinstance(model, Mapping):
-        for name, tensor in model.items():
-            if not isinstance(name, str):
-                raise TypeError(f"{what}: keys must be str, got {type(name).__name__}")
-            if not isinstance(tensor, Tensor):
-                raise TypeError(f"{what}: {name!r} is a {type(tensor).__name__}, not a Tensor")
-        return list(model.items())
-    raise TypeError(f"{what} must be an nn.Module or a mapping of name -> Tensor, got {type(model).__name__}")
-
-
-def _average_dtype(dtype: Optional[torch.dtype], tensor: Tensor) -> torch.dtype:
-    if dtype is not None:
-        return dtype
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-class _DeviceGroup:
-    """The average of the model tensors whose average lives on one device.
-
-    Floating tensors are averaged in ``avg``; other tensors (integer buffers such
-    as ``num_batches_tracked``) are kept as their latest value in ``latest``.
-    """
-
-    def __init__(self, device: torch.device, dtype: Optional[torch.dtype],
-                 named: Sequence[Tuple[str, Tensor]]):
-        self.device = device
-        averaged = [(n, t) for n, t in named if t.is_floating_point()]
-        copied = [(n, t) for n, t in named if not t.is_floating_point()]
-        self.averaged_names = [n for n, _ in averaged]
-        self.averaged = [t for _, t in averaged]
-        self.copied_names = [n for n, _ in copied]
-        self.copied = [t for _, t in copied]
-        local = [_local_tensor(t) for t in self.averaged]
-        self.avg = FlatBuffer([(t.shape, _average_dtype(dtype, t), device) for t in local]).copy_(local)
-        self.latest = FlatBuffer.from_tensors([_local_tensor(t) for t in self.copied], device=device)
-        self.n_averaged = torch.zeros((), dtype=torch.int64, device=device)
-        self.staging: Optional[FlatBuffer] = None
-        self._cuda_sources = sorted({t.device.index for t in local if t.device.type == "cuda"})
-        if any(t.device != device for t in local):
-            pin = device.type == "cpu" and bool(self._cuda_sources)  # async device-to-host copies
-            self.staging = FlatBuffer.zeros_like(local, device=device, pin_memory=pin)
-
-    def sources(self) -> Union[List[Tensor], FlatBuffer]:
-        """The tensors to average in, on this group's device (offloading copies them over)."""
-        local = [_local_tensor(t) for t in self.averaged]
-        if self.staging is None:
-            return local
-        for dst, src in zip(self.staging.views, local):
-            dst.copy_(src, non_blocking=True)
-        if self.device.type == "cpu":  # the host reads the staging buffer next
-            for index in self._cuda_sources:
-                torch.cuda.current_stream(index).synchronize()
-        return self.staging
-
-    def keep_latest(self, found_inf: Optional[Tensor]) -> None:
-        for dst, tensor in zip(self.latest.views, self.copied):
-            src = _local_tensor(tensor).to(self.device)
-            dst.copy_(src if found_inf is None else torch.where(found_inf != 0, dst, src))
-
-    def named_views(self) -> Iterator[Tuple[str, Tensor, Tensor]]:
-        """(name, average view, live model tensor) for every tensor of the group."""
-        yield from zip(self.averaged_names, self.avg.views, self.averaged)
-        yield from zip(self.copied_names, self.latest.views, self.copied)
-
-    @property
-    def nbytes(self) -> int:
-        return self.avg.nbytes + self.latest.nbytes + (self.staging.nbytes if self.staging is not None else 0)
 
 
 class WeightAverager:
@@ -246,7 +129,9 @@ class WeightAverager:
                  include_buffers: bool = False, skip_nonfinite: bool = True):
         if mode not in _MODES:
             raise ValueError(f"WeightAverager: mode must be 'ema' or 'swa', got {mode!r}")
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay <= 1.0:
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+            raise TypeError(f"WeightAverager: decay must be a number, got {type(decay).__name__}")
+        if not 0.0 <= decay <= 1.0:
             raise ValueError(f"WeightAverager: decay must be a number in [0, 1], got {decay!r}")
         if dtype is not None and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise TypeError(f"WeightAverager: dtype must be float32, float64, bfloat16, float16 or None, got {dtype}")
@@ -261,12 +146,9 @@ class WeightAverager:
             raise TypeError(f"WeightAverager: warmup must be an EMAWarmup, a dict or None, got {type(warmup).__name__}")
         if warmup is not None and mode != "ema":
             raise ValueError("WeightAverager: warmup only applies to mode='ema'")
-        self._fsdp_modules = fsdp_modules(model)
-        reshard_fsdp(self._fsdp_modules)  # so named_parameters() yields the sharded parameters
-        named = _named_tensors(model, include_buffers, "WeightAverager: model")
-        if not named:
-            raise ValueError("WeightAverager: the model has no tensors to average")
-
+        if not isinstance(model, (nn.Module, Mapping)):
+            raise TypeError(f"WeightAverager: model must be an nn.Module or a mapping of name -> Tensor, "
+                            f"got {type(model).__name__}")
         self.mode = mode
         self.decay = float(decay)
         self.dtype = dtype
@@ -275,18 +157,18 @@ class WeightAverager:
         self.every = int(every)
         self.warmup: Optional[EMAWarmup] = warmup
         self.include_buffers = include_buffers
-        self.skip_nonfinite = skip_nonfinite
-
-        self._names = [name for name, _ in named]
-        by_device: Dict[torch.device, List[Tuple[str, Tensor]]] = {}
-        for name, tensor in named:
-            target = self.device if self.device is not None else _local_tensor(tensor).device
-            by_device.setdefault(target, []).append((name, tensor))
-        self._groups = [_DeviceGroup(dev, dtype, group) for dev, group in by_device.items()]
+        self.engine = AveragingEngine(model, dtype=dtype, device=device, include_buffers=include_buffers,
+                                      skip_nonfinite=skip_nonfinite, what="WeightAverager")
         self._step = 0
-        self._n_updates = 0
-        self._skipped = torch.zeros((), dtype=torch.int64, device=self._groups[0].device)
-        self._stash: Optional[FlatBuffer] = None
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Whether updates whose tensors hold NaN/Inf are skipped (settable)."""
+        return self.engine.skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value: bool) -> None:
+        self.engine.skip_nonfinite = bool(value)
 
     # ----------------------------------------------------------------- updating
     @torch.no_grad()
@@ -296,25 +178,17 @@ class WeightAverager:
         One fused ``ema_``/``swa_`` call per device. Returns whether this step was an
         averaging step (a non-finite step still returns True; see :attr:`skipped`).
         """
-        if self._stash is not None:
+        if self.engine.is_swapped:
             raise RuntimeError("WeightAverager.update: the average is swapped into the model; "
                                "leave swapped() first")
         self._step += 1
         if self._step <= self.start or (self._step - self.start) % self.every:
             return False
-        decay = 0.0 if self._n_updates == 0 else self.decay_at(self._step)
-        self._n_updates += 1
-        sources = [group.sources() for group in self._groups]
-        flags = self._nonfinite_flags(sources) if self.skip_nonfinite else [None] * len(self._groups)
-        for group, src, flag in zip(self._groups, sources, flags):
-            if self.mode == "ema":
-                ema_(group.avg, src, decay, found_inf=flag)
-            else:
-                swa_(group.avg, src, group.n_averaged, found_inf=flag)
-            group.keep_latest(flag)
-            group.n_averaged += 1 if flag is None else (flag == 0)
-        if flags[0] is not None:
-            self._skipped += flags[0] != 0
+        if self.mode == "ema":
+            decay = 0.0 if self.engine.attempts[0] == 0 else self.decay_at(self._step)
+            self.engine.update("ema", decay=decay)
+        else:
+            self.engine.update("swa")
         return True
 
     def decay_at(self, step: int) -> float:
@@ -323,53 +197,25 @@ class WeightAverager:
             return self.decay
         return self.warmup.decay_at(step, self.decay)
 
-    def _nonfinite_flags(self, sources: Sequence[Union[List[Tensor], FlatBuffer]]) -> List[Tensor]:
-        """One found_inf flag per group; any NaN/Inf anywhere flags every group, so they stay consistent."""
-        flags = [any_nonfinite(src) for src in sources]
-        if len(flags) == 1:
-            return flags
-        total = flags[0]
-        for flag in flags[1:]:
-            total = total + flag.to(total.device)
-        return [total.to(group.device) for group in self._groups]
-
     # ------------------------------------------------------------ using the average
-    def _live_and_average(self) -> Tuple[List[Tensor], List[Tensor]]:
-        live, average = [], []
-        for group in self._groups:
-            for _, view, tensor in group.named_views():
-                live.append(_local_tensor(tensor))
-                average.append(view)
-        return live, average
-
     @property
     def is_swapped(self) -> bool:
         """Whether the average is currently swapped into the model."""
-        return self._stash is not None
+        return self.engine.is_swapped
 
-    @torch.no_grad()
-    def _swap_in(self) -> None:
-        """Save the training weights, then write the average (cast to the model's dtypes) into the model."""
-        if self._stash is not None:
+    def swap_in(self) -> None:
+        """Save the training weights, then write the average (cast to the model's dtypes) into the model.
+
+        Prefer :meth:`swapped`; :meth:`swap_out` restores the training weights bit for bit."""
+        if self.engine.is_swapped:
             raise RuntimeError("WeightAverager: the average is already swapped into the model")
-        reshard_fsdp(self._fsdp_modules)
-        live, average = self._live_and_average()
-        self._stash = FlatBuffer.from_tensors(live)
-        try:
-            torch._foreach_copy_(live, average)
-        except BaseException:
-            self._swap_out()
-            raise
+        self.engine.swap_in()
 
-    @torch.no_grad()
-    def _swap_out(self) -> None:
-        """Restore the training weights saved by :meth:`_swap_in`, bit for bit."""
-        if self._stash is None:
+    def swap_out(self) -> None:
+        """Restore the training weights saved by :meth:`swap_in`, bit for bit."""
+        if not self.engine.is_swapped:
             raise RuntimeError("WeightAverager: the average is not swapped into the model")
-        reshard_fsdp(self._fsdp_modules)
-        live, _ = self._live_and_average()
-        torch._foreach_copy_(live, self._stash.views)
-        self._stash = None
+        self.engine.swap_out()
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
@@ -378,11 +224,11 @@ class WeightAverager:
         On exit, exceptions included, the training weights are restored exactly.
         Costs one copy of the swapped tensors (in the model's dtype) while inside.
         """
-        self._swap_in()
+        self.swap_in()
         try:
             yield
         finally:
-            self._swap_out()
+            self.swap_out()
 
     @torch.no_grad()
     def copy_to(self, model: ModelLike) -> None:
@@ -394,12 +240,12 @@ class WeightAverager:
         (a collective: call ``copy_to`` on every rank).
         """
         reshard_fsdp(fsdp_modules(model))
-        targets = dict(_named_tensors(model, self.include_buffers, "copy_to: model"))
-        self._check_names_and_shapes("copy_to", {n: t.shape for n, t in targets.items()})
+        targets = dict(named_tensors(model, self.include_buffers, "copy_to: model"))
+        self.engine.check_names_and_shapes("copy_to", {n: t.shape for n, t in targets.items()})
         average = self.average_state_dict()
-        self._check_meshes("copy_to", {name: (average[name], targets[name]) for name in self._names})
+        check_meshes("copy_to", {name: (average[name], targets[name]) for name in average})
         for name, tensor in average.items():
-            _local_tensor(targets[name]).copy_(_part_for(tensor, targets[name]))
+            local_shard(targets[name]).copy_(part_for(tensor, targets[name]))
 
     def average_state_dict(self) -> Dict[str, Tensor]:
         """Name -> averaged tensor, in the average's dtype and device (views into the live average).
@@ -409,15 +255,13 @@ class WeightAverager:
         sharded (DTensor) model tensor the entry is a DTensor with the parameter's
         mesh, placements and global shape, wrapping this rank's part of the average.
         """
-        laid_out = {name: _model_layout(view, tensor)
-                    for group in self._groups for name, view, tensor in group.named_views()}
-        return {name: laid_out[name] for name in self._names}
+        return self.engine.average_state_dict()
 
     # ------------------------------------------------------------------ counters
     @property
     def names(self) -> List[str]:
         """Names of the averaged tensors, in the model's order."""
-        return list(self._names)
+        return self.engine.names
 
     @property
     def step(self) -> int:
@@ -427,17 +271,17 @@ class WeightAverager:
     @property
     def n_averaged(self) -> int:
         """Number of updates averaged in (reads a device counter: syncs with the device)."""
-        return int(self._groups[0].n_averaged.item())
+        return int(self.engine.count(0).item())
 
     @property
     def skipped(self) -> int:
         """Number of updates skipped for NaN/Inf (reads a device counter: syncs with the device)."""
-        return int(self._skipped.item())
+        return int(self.engine.skipped.item())
 
     @property
     def nbytes(self) -> int:
         """Bytes this averager holds: the average (padding included), plus any offload staging buffer."""
-        return sum(group.nbytes for group in self._groups)
+        return self.engine.nbytes
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -455,34 +299,13 @@ class WeightAverager:
         return {
             "mode": self.mode,
             "step": self._step,
-            "n_updates": self._n_updates,
-            "n_averaged": self._groups[0].n_averaged.clone(),
-            "skipped": self._skipped.clone(),
+            "n_updates": self.engine.attempts[0],
+            "n_averaged": self.engine.count(0).clone(),
+            "skipped": self.engine.skipped.clone(),
             "average": self.average_state_dict(),
         }
 
-    def _check_names_and_shapes(self, what: str, shapes: Mapping[str, torch.Size]) -> None:
-        missing = [n for n in self._names if n not in shapes]
-        unexpected = [n for n in shapes if n not in set(self._names)]
-        if missing or unexpected:
-            raise ValueError(f"{what}: names do not match the averaged tensors; missing: {missing}, "
-                             f"unexpected: {unexpected}")
-        for name, view in self.average_state_dict().items():
-            if tuple(shapes[name]) != tuple(view.shape):
-                raise ValueError(f"{what}: {name!r} has shape {tuple(shapes[name])}, "
-                                 f"the average has {tuple(view.shape)}")
-
-    def _check_meshes(self, what: str, pairs: Mapping[str, Tuple[Tensor, Tensor]]) -> None:
-        """ValueError if a sharded source and a sharded target live on different device meshes."""
-        dtensor = _dtensor_type()
-        if dtensor is None:
-            return
-        for name, (source, target) in pairs.items():
-            if isinstance(source, dtensor) and isinstance(target, dtensor) and source.device_mesh != target.device_mesh:
-                raise ValueError(f"{what}: {name!r} is sharded over {source.device_mesh}, "
-                                 f"the target over {target.device_mesh}")
-
-    def _check_state_dict(self, state: Mapping[str, Any]) -> None:
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
         """Raise ValueError/TypeError if ``state`` cannot be loaded; touches nothing."""
         if not isinstance(state, Mapping):
             raise TypeError(f"load_state_dict: expected a mapping, got {type(state).__name__}")
@@ -493,20 +316,14 @@ class WeightAverager:
             raise ValueError(f"load_state_dict: the state is for mode {state['mode']!r}, this averager "
                              f"is {self.mode!r}")
         for key in ("step", "n_updates"):
-            if isinstance(state[key], bool) or not isinstance(state[key], numbers.Integral) or state[key] < 0:
+            if isinstance(state[key], bool) or not isinstance(state[key], numbers.Integral):
+                raise TypeError(f"load_state_dict: {key} must be an int, got {type(state[key]).__name__}")
+            if state[key] < 0:
                 raise ValueError(f"load_state_dict: {key} must be an int >= 0, got {state[key]!r}")
         for key in ("n_averaged", "skipped"):
             if not isinstance(state[key], (Tensor, numbers.Integral)):
                 raise TypeError(f"load_state_dict: {key} must be a Tensor or an int, got {type(state[key]).__name__}")
-        average = state["average"]
-        if not isinstance(average, Mapping):
-            raise TypeError(f"load_state_dict: 'average' must be a mapping, got {type(average).__name__}")
-        for name, tensor in average.items():
-            if not isinstance(tensor, Tensor):
-                raise TypeError(f"load_state_dict: average[{name!r}] is a {type(tensor).__name__}, not a Tensor")
-        self._check_names_and_shapes("load_state_dict", {n: t.shape for n, t in average.items()})
-        self._check_meshes("load_state_dict", {name: (average[name], tensor) for group in self._groups
-                                               for name, _, tensor in group.named_views()})
+        self.engine.check_average("load_state_dict", state["average"])
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -515,20 +332,14 @@ class WeightAverager:
         Averages may be full tensors or DTensors (as ``torch.distributed.checkpoint``
         loads them); each rank copies in the part it holds.
         """
-        if self._stash is not None:
+        if self.engine.is_swapped:
             raise RuntimeError("load_state_dict: the average is swapped into the model; leave swapped() first")
-        self._check_state_dict(state)
-        for group in self._groups:
-            for name, view, tensor in group.named_views():
-                view.copy_(_part_for(state["average"][name], tensor))
+        self.check_state_dict(state)
+        self.engine.load_average(state["average"])
         self._step = int(state["step"])
-        self._n_updates = int(state["n_updates"])
-        for group in self._groups:
-            group.n_averaged.copy_(torch.as_tensor(state["n_averaged"]))
-        self._skipped.copy_(torch.as_tensor(state["skipped"]))
+        self.engine.set_counters([state["n_averaged"]], [int(state["n_updates"])], state["skipped"])
 
     def __repr__(self) -> str:
-        numel = sum(view.numel() for group in self._groups for _, view, _ in group.named_views())
-        where = ", ".join(str(g.device) for g in self._groups)
-        return (f"WeightAverager(mode={self.mode!r}, {len(self._names)} tensors, {numel} elements on {where}, "
-                f"step={self._step})")
+        where = ", ".join(str(d) for d in self.engine.devices)
+        return (f"WeightAverager(mode={self.mode!r}, {len(self.names)} tensors, {self.engine.numel()} elements on "
+                f"{where}, step={self._step})")

@@ -96,6 +96,47 @@ class FlatBuffer:
         """Equal keys mean the storages pair element by element, whatever their dtypes."""
         return (tuple(self.shapes), tuple(self.group_of), tuple(self.offsets))
 
+    def views_of(self, flat: Tensor, group: int = 0) -> List[Tensor]:
+        """Views of ``flat`` (a 1-D tensor shaped like ``storages[group]``, or a ``[..., n]`` tensor whose
+        last dim is) laid out like this buffer's views of that storage: one per tensor of the group."""
+        if flat.shape[-1] != self.storages[group].numel():
+            raise ValueError(f"FlatBuffer.views_of: got {flat.shape[-1]} elements, storage {group} holds "
+                             f"{self.storages[group].numel()}")
+        lead = tuple(flat.shape[:-1])
+        return [flat.narrow(-1, off, shape.numel()).view(*lead, *shape)
+                for g, off, shape in zip(self.group_of, self.offsets, self.shapes) if g == group]
+
+    def like(self, storages: Sequence[Tensor]) -> "FlatBuffer":
+        """A FlatBuffer with this layout over existing ``storages`` (one per group, same sizes, any
+        dtypes): ops pair it with this buffer storage by storage. No copy."""
+        storages = list(storages)
+        if len(storages) != len(self.storages) or any(
+                s.dim() != 1 or s.numel() != t.numel() for s, t in zip(storages, self.storages)):
+            raise ValueError("FlatBuffer.like: storages must be 1-D and sized like this buffer's")
+        out = FlatBuffer.__new__(FlatBuffer)
+        out.group_of, out.offsets, out.shapes = list(self.group_of), list(self.offsets), list(self.shapes)
+        out.storages = storages
+        out.views = [storages[g].narrow(0, off, shape.numel()).view(shape)
+                     for g, off, shape in zip(self.group_of, self.offsets, self.shapes)]
+        return out
+
+    def pack(self, flat: Tensor, group: int = 0) -> Tensor:
+        """``flat`` laid out like ``storages[group]`` (last dim), with the padding dropped: the group's
+        tensors back to back (a new tensor)."""
+        return torch.cat([v.flatten(len(flat.shape) - 1) for v in self.views_of(flat, group)], dim=-1)
+
+    @torch.no_grad()
+    def unpack_(self, flat: Tensor, packed: Tensor, group: int = 0) -> Tensor:
+        """The inverse of :meth:`pack`: copy ``packed`` into the views of ``flat``; returns ``flat``."""
+        start = 0
+        for view in self.views_of(flat, group):
+            size = view.shape[len(flat.shape) - 1:].numel()
+            view.copy_(packed.narrow(-1, start, size).view(view.shape))
+            start += size
+        if start != packed.shape[-1]:
+            raise ValueError(f"FlatBuffer.unpack_: got {packed.shape[-1]} packed elements, expected {start}")
+        return flat
+
     def __len__(self) -> int:
         return len(self.views)
 

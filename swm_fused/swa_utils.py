@@ -5,13 +5,22 @@ Change ``from torch.optim.swa_utils import AveragedModel, SWALR, update_bn`` to
 signatures, ``state_dict`` layout and results are torch's, within float rounding.
 The differences are all backwards compatible:
 
-- **No host-device sync per update.** torch reads ``n_averaged`` on the host at
-  every update; here a Python flag remembers whether the first update (a copy) has
-  happened, and SWA reads ``n_averaged`` on the device.
-- **Fused default paths.** Plain SWA (no ``avg_fn``/``multi_avg_fn``) and the
-  functions from :func:`get_ema_multi_avg_fn` / :func:`get_swa_multi_avg_fn` run
-  as one :func:`swm_fused.swa_` / :func:`swm_fused.ema_` call per device, mixed
-  dtypes included. Your own ``avg_fn`` / ``multi_avg_fn`` are called as torch calls them.
+- **No host-device sync per update on a GPU.** torch reads ``n_averaged`` on the host
+  at every update. Here the first update's copy is decided from ``n_averaged`` itself:
+  on the CPU by reading it (free there), on a GPU on the device (SWA's weight
+  ``1 / (n + 1)`` is 1 at ``n == 0``; EMA runs its blend and its copy each masked by
+  ``n`` through ``found_inf``). So ``n_averaged.fill_(0)`` restarts the average and
+  loading ``state_dict()`` tensors in place continues it, as in torch.
+- **Bit for bit on the CPU.** The default SWA on the CPU computes torch's
+  ``avg + (cur - avg) / (n + 1)`` with the same three roundings; EMA
+  (``get_ema_multi_avg_fn``) and ``get_swa_multi_avg_fn`` compute torch's lerp.
+- **Paired once.** Parameters are paired by name at the first update with a model
+  and re-paired only when a module registers a new parameter, buffer or submodule.
+- **Fused paths.** On a GPU, and on the CPU with ``dtype=``, the default SWA and the
+  functions from :func:`get_ema_multi_avg_fn` / :func:`get_swa_multi_avg_fn` run as one
+  :func:`swm_fused.swa_` / :func:`swm_fused.ema_` call per device, mixed dtypes included.
+  On the CPU without ``dtype=`` they run torch's own ``_foreach`` arithmetic (bit for
+  bit), once per update instead of per (device, dtype) group after a Python walk. Your own ``avg_fn`` / ``multi_avg_fn`` are called as torch calls them.
 - **Higher-precision averages.** ``AveragedModel(model, dtype=torch.float32)``
   keeps an fp32 average of a bf16 model, with no per-update cast of the model.
 - **Pairing by name.** Parameters and buffers are matched by name (through
@@ -35,10 +44,11 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 from torch.optim.swa_utils import SWALR, update_bn
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _group_tensors_by_device_and_dtype
 
 from . import ops
 from .distributed import fsdp_modules, local_shard, reshard_fsdp
+from .engine import ModuleTensors
 
 __all__ = [
     "AveragedModel",
@@ -180,18 +190,15 @@ def _pair_by_name(kind: str, averaged: Sequence[Tuple[str, Tensor]],
         if src.shape != avg.shape:
             raise ValueError(f"AveragedModel.update_parameters: {kind} '{name}' has shape "
                              f"{tuple(src.shape)} in the model but {tuple(avg.shape)} in the average")
-        layouts = [(getattr(t, "placements", None), tuple(local_shard(t).shape)) for t in (src, avg)]
+        layouts = [(getattr(t, "placements", None), tuple(local_shard(t).shape)) for t in (src, avg)]  # noqa
         if layouts[0] != layouts[1]:
             raise ValueError(f"AveragedModel.update_parameters: {kind} '{name}' is sharded differently: (placements, "
                              f"local shape) {layouts[0]} in the model but {layouts[1]} in the average")
-        pairs.append((local_shard(avg.detach()), local_shard(src.detach())))
+        pairs.append((avg, src))  # the tensors themselves: a later `.data =` (model.to) is seen
     if by_name:
         raise ValueError(f"AveragedModel.update_parameters: the model passed in has {kind} "
                          f"'{next(iter(by_name))}' that the average does not have")
     return pairs
-
-
-_DEFAULT_SWA = _FusedMultiAvgFn()
 
 
 class AveragedModel(Module):
@@ -230,11 +237,9 @@ class AveragedModel(Module):
         fully_shard(averaged.module, mesh=mesh)
 
     ``n_averaged`` lives on ``device``, or on the device of the model copy's first
-    parameter or buffer (torch puts it on the CPU when ``device`` is None), so the
-    update never waits on the host. The "first update is a copy" decision is kept
-    on the host and re-read from ``n_averaged`` once after ``load_state_dict``;
-    if you overwrite ``n_averaged`` in place yourself, call ``load_state_dict``
-    with the new value instead so it is seen.
+    parameter or buffer (torch puts it on the CPU when ``device`` is None), so a GPU
+    update never waits on the host. Whether an update copies is decided from
+    ``n_averaged`` at every update (0: copy), as torch does.
     """
 
     n_averaged: Tensor
@@ -265,71 +270,204 @@ class AveragedModel(Module):
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
         self.average_dtype = dtype
-        # True/False: whether the first update (the copy) has happened; None: unknown, read n_averaged.
-        self._first_update_done: Optional[bool] = False
+        self._pairing: Optional[_Pairing] = None
 
     def forward(self, *args, **kwargs):
         """Run the averaged model."""
         return self.module(*args, **kwargs)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        self._first_update_done = None  # n_averaged may have changed; read it once at the next update
+    def __getstate__(self) -> Dict:
+        state = dict(self.__dict__)
+        state["_pairing"] = None  # holds the last model passed in: never pickled or copied along
+        return state
 
+    def _pairing_for(self, model: Module) -> "_Pairing":
+        pairing = self._pairing
+        if pairing is None or not pairing.valid_for(self.module, model, self.use_buffers):
+            pairing = _Pairing(self.module, model, self.use_buffers)
+            self._pairing = pairing
+        return pairing
+
+    @torch.no_grad()
     def update_parameters(self, model: Module) -> None:
         """Fold ``model``'s current parameters (and buffers, with ``use_buffers``) into the average.
 
         Raises ``ValueError`` naming the parameter or buffer when ``model`` does
         not match the average by name and shape; nothing is written in that case.
+        The pairing is cached: the next update with the same model checks an integer
+        and a few dict lookups instead of walking both modules.
         """
-        ours, theirs = _unwrap(self.module), _unwrap(model)
-        # FSDP2 may hold unsharded parameters after a forward; averaging works on the shards
-        reshard_fsdp(fsdp_modules(ours) + fsdp_modules(theirs))
-        averaged = _pair_by_name("parameter", list(ours.named_parameters()), list(theirs.named_parameters()))
-        buffers = _pair_by_name("buffer", list(ours.named_buffers()), list(theirs.named_buffers()))
-        if self.use_buffers:
-            averaged, synced = averaged + buffers, []
+        pairing = self._pairing_for(model)
+        averaged, synced = pairing.lists()
+        if self.avg_fn is not None or not (self.multi_avg_fn is None or isinstance(self.multi_avg_fn, _FusedMultiAvgFn)):
+            copy = bool(self.n_averaged == 0)  # a user function: decided on the host, as torch does
+            if copy:
+                _copy_pairs(averaged)
+            else:
+                self._average_with_user_fn(averaged)
         else:
-            synced = buffers
+            self._average_fused(pairing, averaged)
+        for device, (avgs, srcs) in _by_device(synced).items():
+            torch._foreach_copy_(avgs, [s.to(device) for s in srcs])
+        self.n_averaged.add_(1)
 
-        if self._first_update_done is None:
-            self._first_update_done = bool(self.n_averaged != 0)  # one read after a load, not per update
-        # Every tensor here is detached, so no autograd mode is needed (torch sets none either).
-        if self._first_update_done:
-            self._average(averaged)
-        else:
-            for avg, src in averaged:
-                avg.copy_(src)
-        for avg, src in synced:
-            avg.copy_(src)
-        self.n_averaged += 1
-        self._first_update_done = True
+    def _average_fused(self, pairing: "_Pairing", averaged: List[Tuple[Tensor, Tensor]]) -> None:
+        fn = self.multi_avg_fn if self.multi_avg_fn is not None else None
+        decay = fn.decay if isinstance(fn, _FusedMultiAvgFn) else None
+        for device, (avgs, srcs) in pairing.groups(averaged).items():
+            n = self.n_averaged if self.n_averaged.device == device else self.n_averaged.to(device)
+            fused = [(a, s) for a, s in zip(avgs, srcs) if a.dtype in ops.AVERAGE_DTYPES and s.is_floating_point()]
+            other = [(a, s) for a, s in zip(avgs, srcs) if not (a.dtype in ops.AVERAGE_DTYPES and s.is_floating_point())]
+            f_avg, f_src = [a for a, _ in fused], [s for _, s in fused]
+            on_host = device.type == "cpu"
+            if on_host:
+                if int(n) == 0:  # reading a CPU tensor is free: the copy is exact, as torch's
+                    _copy_pairs(list(zip(avgs, srcs)))
+                    continue
+                same = all(a.dtype == s_.dtype for a, s_ in fused)
+                if not f_avg:
+                    pass
+                elif same and decay is not None:
+                    torch._foreach_lerp_(f_avg, f_src, 1 - decay)  # torch's get_ema_multi_avg_fn, exactly
+                elif same and fn is None and device.type not in _get_foreach_kernels_supported_devices():
+                    _torch_swa_formula(f_avg, f_src, n)  # torch's default avg_fn, the same roundings
+                elif same:
+                    torch._foreach_lerp_(f_avg, f_src, 1 / (n + 1))  # torch's get_swa_multi_avg_fn, exactly
+                elif decay is not None:
+                    ops.ema_(f_avg, f_src, decay)  # dtype= chose another dtype: fused, mixed precision
+                else:
+                    ops.swa_(f_avg, f_src, n)
+                for avg, src in other:
+                    avg.copy_(_other_average(avg, src, n, decay))
+                continue
+            # On a GPU: no host read. SWA's weight 1 / (n + 1) is 1 at n == 0 (a copy); EMA runs its
+            # blend masked by n == 0 and its copy masked by n != 0.
+            first = (n == 0).to(torch.float32)
+            if f_avg:
+                if decay is None:
+                    ops.swa_(f_avg, f_src, n)
+                else:
+                    ops.ema_(f_avg, f_src, decay, found_inf=first)
+                    ops.swa_(f_avg, f_src, 0, found_inf=1.0 - first)
+            for avg, src in other:
+                avg.copy_(torch.where(n == 0, src.to(avg.dtype), _other_average(avg, src, n, decay)))
 
-    def _average(self, pairs: List[Tuple[Tensor, Tensor]]) -> None:
+    def _average_with_user_fn(self, pairs: List[Tuple[Tensor, Tensor]]) -> None:
         if self.avg_fn is not None:
             for avg, src in pairs:
-                avg.copy_(self.avg_fn(avg, self._as_user_input(src, avg), self.n_averaged.to(avg.device)))
-            return
-        fn = self.multi_avg_fn if self.multi_avg_fn is not None else _DEFAULT_SWA
-        if isinstance(fn, _FusedMultiAvgFn):
-            by_device: Dict[torch.device, Tuple[List[Tensor], List[Tensor]]] = {}
-            for avg, src in pairs:
-                avgs, srcs = by_device.setdefault(avg.device, ([], []))
-                avgs.append(avg)
-                srcs.append(src.to(avg.device))
-            for device, (avgs, srcs) in by_device.items():
-                fn(avgs, srcs, self.n_averaged.to(device))
+                avg.copy_(self.avg_fn(avg.detach(), self._as_user_input(src, avg), self.n_averaged.to(avg.device)))
             return
         grouped = _group_tensors_by_device_and_dtype(
-            [[avg for avg, _ in pairs], [self._as_user_input(src, avg) for avg, src in pairs]])
+            [[avg.detach() for avg, _ in pairs], [self._as_user_input(src, avg) for avg, src in pairs]])
         for (device, _), ([avgs, srcs], _) in grouped.items():
-            fn(avgs, srcs, self.n_averaged.to(device))
+            self.multi_avg_fn(avgs, srcs, self.n_averaged.to(device))
 
     def _as_user_input(self, src: Tensor, avg: Tensor) -> Tensor:
-        """The model tensor as torch hands it to a user's function: on the average's device,
+        """The model tensor as torch hands it to a user's function: detached, on the average's device,
         and in the average's dtype when ``dtype=`` chose one."""
+        src = src.detach()
         if self.average_dtype is not None and avg.is_floating_point():
             return src.to(device=avg.device, dtype=avg.dtype)
         return src.to(avg.device)
+
+
+def _copy_pairs(pairs: Sequence[Tuple[Tensor, Tensor]]) -> None:
+    for device, (avgs, srcs) in _by_device(pairs).items():
+        if avgs:
+            torch._foreach_copy_(avgs, [s.to(device) for s in srcs])
+
+
+def _by_device(pairs: Sequence[Tuple[Tensor, Tensor]]) -> Dict[torch.device, Tuple[List[Tensor], List[Tensor]]]:
+    out: Dict[torch.device, Tuple[List[Tensor], List[Tensor]]] = {}
+    for avg, src in pairs:
+        avgs, srcs = out.setdefault(avg.device, ([], []))
+        avgs.append(avg)
+        srcs.append(src)
+    return out
+
+
+def _other_average(avg: Tensor, src: Tensor, n: Tensor, decay: Optional[float]) -> Tensor:
+    """torch's per-tensor formulas, for tensors the fused ops do not store (integer buffers)."""
+    src = src.to(avg.device)
+    if decay is None:
+        return avg + (src - avg) / (n + 1)
+    return avg * decay + src * (1 - decay)
+
+
+_CHUNK_ELEMENTS = 1 << 22  # bounds the temporary of the exact CPU formula (16 MB of fp32)
+
+
+def _torch_swa_formula(avgs: List[Tensor], srcs: List[Tensor], n: Tensor) -> None:
+    """``avg += (src - avg) / (n + 1)`` with torch's roundings (its default CPU path), in chunks of tensors
+    so the temporary stays small."""
+    divisor = n + 1
+    start = 0
+    while start < len(avgs):
+        stop, size = start, 0
+        while stop < len(avgs) and (stop == start or size + avgs[stop].numel() <= _CHUNK_ELEMENTS):
+            size += avgs[stop].numel()
+            stop += 1
+        diff = torch._foreach_sub(srcs[start:stop], avgs[start:stop])
+        torch._foreach_div_(diff, divisor)
+        torch._foreach_add_(avgs[start:stop], diff)
+        start = stop
+
+
+class _Pairing:
+    """The (average, model) tensor pairs of one AveragedModel and one model, built once by name.
+
+    Valid while neither module's structure changed (:class:`~swm_fused.engine.ModuleTensors`'
+    O(1) check) and the same model object is passed in.
+    """
+
+    def __init__(self, ours_root: Module, model: Module, use_buffers: bool):
+        import weakref
+
+        ours, theirs = _unwrap(ours_root), _unwrap(model)
+        self._ours_root = ours_root
+        self._model_ref = weakref.ref(model)
+        self.use_buffers = use_buffers
+        self.ours = ModuleTensors(ours, include_buffers=True, what="AveragedModel: the average")
+        self.theirs = ModuleTensors(theirs, include_buffers=True, what="AveragedModel.update_parameters: model")
+        n_ours_params = sum(1 for _ in ours.named_parameters())
+        n_theirs_params = sum(1 for _ in theirs.named_parameters())
+        ours_named = list(zip(self.ours.names, self.ours.tensors()))
+        theirs_named = list(zip(self.theirs.names, self.theirs.tensors()))
+        params = _pair_by_name("parameter", ours_named[:n_ours_params], theirs_named[:n_theirs_params])
+        buffers = _pair_by_name("buffer", ours_named[n_ours_params:], theirs_named[n_theirs_params:])
+        self._averaged = params + buffers if use_buffers else params
+        self._synced = [] if use_buffers else buffers
+        self._sharded = self.ours.has_dtensor or self.theirs.has_dtensor
+        self._groups: Optional[Dict[torch.device, Tuple[List[Tensor], List[Tensor]]]] = None
+        self._ours_ref = weakref.ref(ours)
+
+    def valid_for(self, ours_root: Module, model: Module, use_buffers: bool) -> bool:
+        return (ours_root is self._ours_root and self._model_ref() is model and use_buffers == self.use_buffers
+                and not self.ours.changed() and not self.theirs.changed())
+
+    def lists(self) -> Tuple[List[Tuple[Tensor, Tensor]], List[Tuple[Tensor, Tensor]]]:
+        """(averaged pairs, synced pairs); DTensors are read through their local shards at every call."""
+        if self.ours.fsdp or self.theirs.fsdp:
+            reshard_fsdp(self.ours.fsdp + self.theirs.fsdp)
+        if not self._sharded:
+            return self._averaged, self._synced
+        return ([(local_shard(a), local_shard(s)) for a, s in self._averaged],
+                [(local_shard(a), local_shard(s)) for a, s in self._synced])
+
+    def groups(self, averaged: List[Tuple[Tensor, Tensor]]) -> Dict[torch.device, Tuple[List[Tensor], List[Tensor]]]:
+        """Averaged pairs by the average's device, model tensors moved there (cached when unsharded
+        and already there)."""
+        if self._groups is not None and not self._sharded:
+            return self._groups
+        out: Dict[torch.device, Tuple[List[Tensor], List[Tensor]]] = {}
+        moved = False
+        for avg, src in averaged:
+            avgs, srcs = out.setdefault(avg.device, ([], []))
+            avgs.append(avg)
+            if src.device != avg.device:
+                moved = True
+                src = src.to(avg.device)
+            srcs.append(src)
+        if not moved and not self._sharded:
+            self._groups = out
+        return out

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from .flat import FlatBuffer
-from .ops import merge_, swag_
+from .engine import AveragingEngine
+from .ops import merge_
 
 _STATE_KEYS = ("n_collected", "max_rank", "var_clamp", "names", "mean", "sq_mean", "deviations")
 
@@ -62,18 +62,22 @@ class SWAG:
         self.var_clamp = var_clamp
         self._names: List[str] = [name for name, _ in named]
         self._params: List[Tensor] = [p for _, p in named]
-        # One fp32 storage each (one device, one dtype); the ring rows share their layout,
-        # so every op below runs over one long vector.
-        self._mean = FlatBuffer.zeros_like(self._params, dtype=torch.float32)
-        self._sq_mean = FlatBuffer.zeros_like(self._params, dtype=torch.float32)
-        self._deviations = torch.zeros(self.max_rank, self._mean.storages[0].numel(),
+        # The moments live in one engine (one device, one fp32 storage each); the ring rows share
+        # their layout, so every op below runs over one long vector.
+        self._engine = AveragingEngine(named, dtype=torch.float32, skip_nonfinite=False, second_moment=True,
+                                       what="SWAG")
+        self._layout = self._engine.flat_average()
+        self._deviations = torch.zeros(self.max_rank, self._layout.storages[0].numel(),
                                        dtype=torch.float32, device=device)
-        self._n_collected = 0
 
     @property
     def device(self) -> torch.device:
         """The device holding the parameters and every SWAG buffer."""
         return self._deviations.device
+
+    @property
+    def _n_collected(self) -> int:
+        return self._engine.attempts[0]
 
     @property
     def n_collected(self) -> int:
@@ -87,8 +91,7 @@ class SWAG:
 
     def _views(self, flat: Tensor) -> List[Tensor]:
         """Views of a flat vector laid out like the mean buffer, shaped like the parameters."""
-        return [flat.narrow(0, offset, shape.numel()).view(shape)
-                for offset, shape in zip(self._mean.offsets, self._mean.shapes)]
+        return self._layout.views_of(flat)
 
     @torch.no_grad()
     def collect(self) -> None:
@@ -99,18 +102,15 @@ class SWAG:
         code (``collect_model`` in wjmaddox/swa_gaussian, swag/posteriors/swag.py), and stored
         in ring slot ``n_collected % max_rank``, overwriting the oldest row once the ring is full.
         """
-        mean, sq_mean = self._mean.storages[0], self._sq_mean.storages[0]
-        params = [p.detach() for p in self._params]
         if self.max_rank == 0:
-            swag_(self._mean, self._sq_mean, params, self._n_collected)
+            self._engine.update("swag")
         else:
             # The slot first receives theta (fp32), which then feeds the flat swag_ pass and
             # becomes theta - mean in place: no extra N-sized buffer.
             row = self._deviations[self._n_collected % self.max_rank]
-            torch._foreach_copy_(self._views(row), params)
-            swag_(mean, sq_mean, row, self._n_collected)
-            merge_(row, [row, mean], [1.0, -1.0])
-        self._n_collected += 1
+            torch._foreach_copy_(self._views(row), [p.detach() for p in self._params])
+            self._engine.update("swag", source=self._layout.like([row]))
+            merge_(row, [row, self._layout.storages[0]], [1.0, -1.0])
 
     @torch.no_grad()
     def sample(self, scale: float = 0.5, diag_only: bool = False, seed: Optional[int] = None) -> None:
@@ -132,17 +132,17 @@ class SWAG:
         """
         if self._n_collected == 0:
             raise RuntimeError("SWAG.sample: no model collected yet; call collect() first")
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-            raise TypeError(f"SWAG.sample: scale must be a finite real number, got {scale!r}")
-        if scale < 0:
-            raise ValueError(f"SWAG.sample: scale must be >= 0, got {scale}")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"SWAG.sample: scale must be a real number, got {type(scale).__name__}")
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"SWAG.sample: scale must be finite and >= 0, got {scale}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"SWAG.sample: seed must be an int or None, got {type(seed).__name__}")
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(seed))
-        mean, sq_mean = self._mean.storages[0], self._sq_mean.storages[0]
+        mean, sq_mean = self._layout.storages[0], self._engine.flat_second_moment().storages[0]
         noise = torch.randn(mean.shape, generator=generator, device=self.device, dtype=torch.float32)
         std = torch.addcmul(sq_mean, mean, mean, value=-1.0).clamp_min_(self.var_clamp).sqrt_()
         noise.mul_(std)
@@ -160,7 +160,7 @@ class SWAG:
         else in the state dict) are the model's current ones. Load it with
         ``model.load_state_dict(...)``.
         """
-        mean_of = {id(p): m for p, m in zip(self._params, self._mean.views)}
+        mean_of = {id(p): m for p, m in zip(self._params, self._layout.views)}
         out: Dict[str, Tensor] = {}
         for key, value in self.model.state_dict(keep_vars=True).items():
             if id(value) in mean_of:
@@ -177,16 +177,14 @@ class SWAG:
         ``[max_rank, numel]`` tensor whose row ``j % max_rank`` holds collection ``j``'s
         deviation, the parameters concatenated in ``names`` order.
         """
-        columns = [self._deviations.narrow(1, offset, shape.numel())
-                   for offset, shape in zip(self._mean.offsets, self._mean.shapes)]
         return {
             "n_collected": self._n_collected,
             "max_rank": self.max_rank,
             "var_clamp": self.var_clamp,
             "names": list(self._names),
-            "mean": {n: v.clone() for n, v in zip(self._names, self._mean.views)},
-            "sq_mean": {n: v.clone() for n, v in zip(self._names, self._sq_mean.views)},
-            "deviations": torch.cat(columns, dim=1),
+            "mean": {n: v.clone() for n, v in self._engine.average_state_dict().items()},
+            "sq_mean": {n: v.clone() for n, v in self._engine.second_moment_state_dict().items()},
+            "deviations": self._layout.pack(self._deviations),
         }
 
     @torch.no_grad()
@@ -205,7 +203,9 @@ class SWAG:
             raise ValueError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
         n_collected, max_rank = state_dict["n_collected"], state_dict["max_rank"]
         for key, value in (("n_collected", n_collected), ("max_rank", max_rank)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{where}: {key} must be an int, got {type(value).__name__}")
+            if value < 0:
                 raise ValueError(f"{where}: {key} must be an int >= 0, got {value!r}")
         if max_rank != self.max_rank:
             raise ValueError(f"{where}: state has max_rank={max_rank} but this SWAG has max_rank={self.max_rank}")
@@ -224,39 +224,37 @@ class SWAG:
             moments = state_dict[key]
             if not isinstance(moments, Mapping):
                 raise TypeError(f"{where}: {key} must map names to tensors, got {type(moments).__name__}")
-            for name, shape in zip(self._names, self._mean.shapes):
+            for name, shape in zip(self._names, (v.shape for v in self._layout.views)):
                 value = moments.get(name)
+                if value is None:
+                    raise ValueError(f"{where}: {key}[{name!r}] is missing")
                 if not isinstance(value, Tensor) or not value.is_floating_point():
-                    raise ValueError(f"{where}: {key}[{name!r}] is missing or not a floating-point tensor")
+                    raise TypeError(f"{where}: {key}[{name!r}] is not a floating-point tensor")
                 if value.shape != shape:
                     raise ValueError(f"{where}: {key}[{name!r}] has shape {tuple(value.shape)} but the "
                                      f"parameter has shape {tuple(shape)}")
         deviations = state_dict["deviations"]
-        numel = self._mean.numel()
+        numel = self._layout.numel()
         if not isinstance(deviations, Tensor) or not deviations.is_floating_point():
-            raise ValueError(f"{where}: deviations must be a floating-point tensor")
+            raise TypeError(f"{where}: deviations must be a floating-point tensor")
         if tuple(deviations.shape) != (self.max_rank, numel):
             raise ValueError(f"{where}: deviations has shape {tuple(deviations.shape)}, expected "
                              f"({self.max_rank}, {numel})")
 
-        for key, buffer in (("mean", self._mean), ("sq_mean", self._sq_mean)):
-            buffer.copy_([state_dict[key][name] for name in self._names])
-        start = 0
-        for offset, shape in zip(self._mean.offsets, self._mean.shapes):
-            size = shape.numel()
-            self._deviations.narrow(1, offset, size).copy_(deviations.narrow(1, start, size))
-            start += size
-        self._n_collected = int(n_collected)
+        self._engine.load_average(state_dict["mean"])
+        self._engine.load_second_moment(state_dict["sq_mean"])
+        self._layout.unpack_(self._deviations, deviations.to(self._deviations.device, torch.float32))
+        self._engine.set_counters([int(n_collected)], [int(n_collected)])
         self.var_clamp = var_clamp
 
     def __repr__(self) -> str:
-        return (f"SWAG({len(self._params)} tensors, {self._mean.numel()} elements on {self.device}, "
+        return (f"SWAG({len(self._params)} tensors, {self._layout.numel()} elements on {self.device}, "
                 f"n_collected={self._n_collected}, rank={self.rank}/{self.max_rank})")
 
 
 def _check_var_clamp(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{where}: var_clamp must be a finite real number, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{where}: var_clamp must be >= 0, got {value}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: var_clamp must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: var_clamp must be finite and >= 0, got {value}")
     return float(value)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import swm_fused
-import swm_fused.averager as averager_module
+import swm_fused.engine as engine_module
 from swm_fused.averager import EMAWarmup, WeightAverager
 
 from _helpers import assert_close, bits
@@ -134,7 +134,7 @@ def test_one_fused_call_per_update(monkeypatch):
     calls = []
 
     def counting(op: str):
-        real = getattr(averager_module, op)
+        real = getattr(engine_module, op)
 
         def wrapper(*args, **kwargs):
             calls.append(op)
@@ -142,7 +142,7 @@ def test_one_fused_call_per_update(monkeypatch):
         return wrapper
 
     for op in ("ema_", "swa_", "any_nonfinite"):
-        monkeypatch.setattr(averager_module, op, counting(op))
+        monkeypatch.setattr(engine_module, op, counting(op))
     for mode in ("ema", "swa"):
         avg = WeightAverager(model, mode=mode)
         calls.clear()
@@ -418,7 +418,7 @@ def test_skipped_counter_stays_on_device_and_nonfinite_can_be_kept():
     avg.update()
     assert torch.isnan(avg.average_state_dict()["0.weight"][0, 0])
     assert avg.skipped == 0 and avg.n_averaged == 2
-    assert isinstance(WeightAverager(model)._skipped, Tensor)
+    assert isinstance(WeightAverager(model).engine.skipped, Tensor)
 
 
 # ------------------------------------------------------------------------------ buffers
@@ -539,7 +539,7 @@ def test_cpu_offload_of_a_gpu_model(mode):
     model = make_mlp(torch.bfloat16).cuda()
     avg = WeightAverager(model, mode=mode, decay=0.9, device="cpu")
     assert all(v.device.type == "cpu" for v in avg.average_state_dict().values())
-    assert all(s.is_pinned() for g in avg._groups for s in g.staging.storages)
+    assert all(s.is_pinned() for buf in avg.engine.staging_buffers() for s in buf.storages)
     snaps = []
     for _ in range(8):
         random_walk(model)

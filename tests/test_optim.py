@@ -8,11 +8,13 @@ import io
 import math
 import random
 import warnings
+from collections import defaultdict
 from typing import Dict, List, Optional
 
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from swm_fused.averager import EMAWarmup
@@ -277,7 +279,7 @@ def test_grad_scaler_skips_inf_steps_for_optimizer_and_average(kind):
             oracle = [o + (p - o) / taken for o, p in zip(oracle, current)]
     assert scaler.get_scale() == scaler_ref.get_scale()
     if kind == "ema":
-        assert optimizer._averager(0).step == taken  # the skipped step is not counted
+        assert optimizer.steps[0] == taken  # the skipped step is not counted
     else:
         assert [g["step_counter"] for g in optimizer.param_groups] == [taken, taken]
     assert_same_params(model, twin, "GradScaler")
@@ -402,8 +404,8 @@ def test_wrapper_validation():
         SWA(sgd, swa_start=0, swa_freq=0)
     with pytest.raises(ValueError, match="swa_lr"):
         SWA(sgd, swa_start=0, swa_freq=1, swa_lr=-0.1)
-    with pytest.raises(TypeError, match="swa_start"):
-        SWA(sgd, swa_start=1.5, swa_freq=1)
+    with pytest.warns(UserWarning, match="Casting swa_start, swa_freq to int"):  # torchcontrib's rule
+        assert SWA(sgd, swa_start=1.5, swa_freq=1).swa_start == 1
     with pytest.warns(UserWarning, match="swa_lr is ignored"):
         manual = SWA(sgd, swa_lr=0.1)
     assert manual.swa_lr is None and manual.swa_start is None
@@ -448,3 +450,237 @@ def test_deepcopy_of_model_and_wrapper_trains_identically_and_independently(kind
     assert_same_params(model_copy, model, "deep copy")
     for a, b in zip(wrapper_averages(optimizer_copy, model_copy), wrapper_averages(optimizer, model)):
         assert torch.equal(bits(a), bits(b)) and a.data_ptr() != b.data_ptr()
+
+
+# ------------------------------------------------------------------ torchcontrib.optim.SWA, side by side
+class TorchcontribSWA(Optimizer):
+    """A port of ``torchcontrib.optim.SWA`` (pytorch/contrib, torchcontrib/optim/swa.py), written from its
+    documented behaviour for these tests (torchcontrib is not installable on current Python/torch).
+
+    Its own ``state`` holds ``swa_buffer`` per param (created at the param's first average, in the
+    param's dtype); ``param_groups`` are the wrapped optimizer's, with ``n_avg`` and ``step_counter``;
+    the average is ``buf += (p - buf) * (1 / (n_avg + 1))``; ``swap_swa_sgd`` exchanges the params and
+    the buffers; ``state_dict()`` is ``{"opt_state", "swa_state" (keyed by id(p)), "param_groups"}``.
+    """
+
+    def __init__(self, optimizer, swa_start=None, swa_freq=None, swa_lr=None):
+        params = [swa_start, swa_freq]
+        none = [p is None for p in params]
+        if not all(none) and any(none):
+            warnings.warn("Some of swa_start, swa_freq is None, ignoring other")
+        for i, p in enumerate(params):
+            if p is not None and not isinstance(p, int):
+                params[i] = int(p)
+                warnings.warn("Casting swa_start, swa_freq to int")
+        self._auto_mode = not any(none)
+        self.swa_start, self.swa_freq = params
+        self.swa_lr = swa_lr
+        if self._auto_mode:
+            if self.swa_start < 0:
+                raise ValueError(f"Invalid swa_start: {self.swa_start}")
+            if self.swa_freq < 1:
+                raise ValueError(f"Invalid swa_freq: {self.swa_freq}")
+        else:
+            if self.swa_lr is not None:
+                warnings.warn("Some of swa_start, swa_freq is None, ignoring swa_lr")
+            self.swa_lr = self.swa_start = self.swa_freq = None
+        if self.swa_lr is not None and self.swa_lr < 0:
+            raise ValueError(f"Invalid SWA learning rate: {swa_lr}")
+        self.optimizer = optimizer
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self.state = defaultdict(dict)
+        self.opt_state = optimizer.state
+        for group in self.param_groups:
+            group["n_avg"] = 0
+            group["step_counter"] = 0
+
+    def _reset_lr_to_swa(self):
+        if self.swa_lr is None:
+            return
+        for group in self.param_groups:
+            if group["step_counter"] >= self.swa_start:
+                group["lr"] = self.swa_lr
+
+    def update_swa_group(self, group):
+        for p in group["params"]:
+            state = self.state[p]
+            if "swa_buffer" not in state:
+                state["swa_buffer"] = torch.zeros_like(p.data)
+            buf = state["swa_buffer"]
+            virtual_decay = 1 / float(group["n_avg"] + 1)
+            buf.add_((p.data - buf) * virtual_decay)
+        group["n_avg"] += 1
+
+    def update_swa(self):
+        for group in self.param_groups:
+            self.update_swa_group(group)
+
+    def swap_swa_sgd(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "swa_buffer" not in state:
+                    warnings.warn(f"SWA wasn't applied to param {p}; skipping it")
+                    continue
+                buf = state["swa_buffer"]
+                tmp = torch.empty_like(p.data)
+                tmp.copy_(p.data)
+                p.data.copy_(buf)
+                buf.copy_(tmp)
+
+    def step(self, closure=None):
+        self._reset_lr_to_swa()
+        loss = self.optimizer.step(closure)
+        for group in self.param_groups:
+            group["step_counter"] += 1
+            steps = group["step_counter"]
+            if self._auto_mode and steps > self.swa_start and steps % self.swa_freq == 0:
+                self.update_swa_group(group)
+        return loss
+
+    def state_dict(self):
+        opt_state_dict = self.optimizer.state_dict()
+        swa_state = {(id(k) if isinstance(k, torch.Tensor) else k): v for k, v in self.state.items()}
+        return {"opt_state": opt_state_dict["state"], "swa_state": swa_state,
+                "param_groups": opt_state_dict["param_groups"]}
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+# fp32: torchcontrib rounds (p - buf), the weight and the product separately; ours lerps (one rounding).
+CONTRIB_TOL = dict(atol=1e-6, rtol=1e-5)
+
+
+def _contrib_pair(swa_start=2, swa_freq=2, swa_lr=0.05, momentum=0.9):
+    model, twin = twin_models()
+    ours = SWA(torch.optim.SGD(param_groups(model), momentum=momentum), swa_start=swa_start, swa_freq=swa_freq,
+               swa_lr=swa_lr)
+    theirs = TorchcontribSWA(torch.optim.SGD(param_groups(twin), momentum=momentum), swa_start=swa_start,
+                             swa_freq=swa_freq, swa_lr=swa_lr)
+    return model, twin, ours, theirs
+
+
+def _assert_same_swa(model, twin, ours, theirs, what):
+    assert_same_params(model, twin, what)
+    assert [int(g["n_avg"]) for g in ours.param_groups] == [g["n_avg"] for g in theirs.param_groups], what
+    assert [g["step_counter"] for g in ours.param_groups] == [g["step_counter"] for g in theirs.param_groups]
+    assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in theirs.param_groups], what
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert ("swa_buffer" in ours.state[p]) == ("swa_buffer" in theirs.state[q]), what
+        if "swa_buffer" in theirs.state[q]:
+            assert_close(ours.state[p]["swa_buffer"], theirs.state[q]["swa_buffer"], what=what, **CONTRIB_TOL)
+
+
+@pytest.mark.parametrize("swa_lr", [None, 0.05])
+def test_swa_matches_torchcontrib_port_auto_mode(swa_lr):
+    model, twin, ours, theirs = _contrib_pair(swa_lr=swa_lr)
+    data = make_data()
+    for n in range(9):
+        train_step(model, ours, data[n % BATCHES])
+        train_step(twin, theirs, data[n % BATCHES])
+        _assert_same_swa(model, twin, ours, theirs, f"step {n}")
+    ours.swap_swa_sgd()
+    theirs.swap_swa_sgd()
+    for p, q in zip(model.parameters(), twin.parameters()):  # the averages, within their rounding
+        assert_close(p, q, what="swapped", **CONTRIB_TOL)
+    ours.swap_swa_sgd()
+    theirs.swap_swa_sgd()
+    _assert_same_swa(model, twin, ours, theirs, "swapped back")
+    assert set(ours.state_dict()) == set(theirs.state_dict()) == {"opt_state", "swa_state", "param_groups"}
+
+
+def test_swa_matches_torchcontrib_port_manual_mode_and_groups():
+    model, twin, ours, theirs = _contrib_pair(swa_start=None, swa_freq=None, swa_lr=None)
+    data = make_data()
+    for n in range(6):
+        train_step(model, ours, data[n % BATCHES])
+        train_step(twin, theirs, data[n % BATCHES])
+        if n % 2:
+            ours.update_swa()
+            theirs.update_swa()
+        else:
+            ours.update_swa_group(ours.param_groups[1])
+            theirs.update_swa_group(theirs.param_groups[1])
+        _assert_same_swa(model, twin, ours, theirs, f"step {n}")
+
+
+def test_swa_loads_a_torchcontrib_checkpoint_and_continues_like_it():
+    model, twin, _, theirs = _contrib_pair()
+    data = make_data()
+    for n in range(5):
+        train_step(twin, theirs, data[n % BATCHES])
+    blob = io.BytesIO()
+    torch.save({"model": twin.state_dict(), "swa": theirs.state_dict()}, blob)
+    blob.seek(0)
+    checkpoint = torch.load(blob, weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    ours = SWA(torch.optim.SGD(param_groups(model), momentum=0.9), swa_start=2, swa_freq=2, swa_lr=0.05)
+    ours.load_state_dict(checkpoint["swa"])
+    _assert_same_swa(model, twin, ours, theirs, "loaded")
+    for n in range(5, 9):
+        train_step(model, ours, data[n % BATCHES])
+        train_step(twin, theirs, data[n % BATCHES])
+        _assert_same_swa(model, twin, ours, theirs, f"step {n}")
+
+
+def test_swa_validation_matches_torchcontrib():
+    sgd = torch.optim.SGD(make_mlp().parameters(), lr=0.1)
+    for kwargs in (dict(swa_start=-1, swa_freq=1), dict(swa_start=0, swa_freq=0),
+                   dict(swa_start=0, swa_freq=1, swa_lr=-0.5)):
+        with pytest.raises(ValueError):
+            TorchcontribSWA(sgd, **kwargs)
+        with pytest.raises(ValueError):
+            SWA(sgd, **kwargs)
+    for cls in (TorchcontribSWA, SWA):
+        with pytest.warns(UserWarning, match="Casting swa_start, swa_freq to int"):
+            swa = cls(sgd, swa_start=2.7, swa_freq=3.0)
+        assert (swa.swa_start, swa.swa_freq) == (2, 3)
+
+
+# ---------------------------------------------------------------------------- EMA's live settings
+def test_ema_decay_warmup_and_every_are_live():
+    model, twin = twin_models()
+    data = make_data()
+    optimizer = EMA(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5)
+    plain = torch.optim.SGD(twin.parameters(), lr=0.1)
+    oracle = None
+    for n in range(1, 9):
+        if n == 4:
+            optimizer.decay = 0.9  # takes effect at the next step
+        if n == 6:
+            optimizer.every = 2
+        train_step(model, optimizer, data[n % BATCHES])
+        train_step(twin, plain, data[n % BATCHES])
+        current = float64_params(twin)
+        if oracle is None:
+            oracle = current
+        elif n < 6 or n % 2 == 0:
+            d = 0.5 if n < 4 else 0.9
+            oracle = [torch.lerp(o, p, 1 - d) for o, p in zip(oracle, current)]
+    for avg, exp in zip(optimizer.average_state_dict().values(), oracle):
+        assert_close(avg, exp, what="live decay/every", **FP32_TOL)
+    with pytest.raises(ValueError, match="decay"):
+        optimizer.decay = 1.5
+    with pytest.raises(ValueError, match="every"):
+        optimizer.every = 0
+    with pytest.raises(TypeError, match="warmup"):
+        optimizer.warmup = 0.3
+    optimizer.warmup = {"warmup_gamma": 2.0}
+    assert optimizer.warmup == EMAWarmup(warmup_gamma=2.0)
+    assert optimizer.decay == 0.9
+
+
+def test_one_engine_per_optimizer_one_fused_call_per_step(monkeypatch):
+    import swm_fused.engine as engine_module
+    calls = []
+    for op in ("ema_", "swa_", "any_nonfinite"):
+        real = getattr(engine_module, op)
+        monkeypatch.setattr(engine_module, op, lambda *a, _real=real, _op=op, **k: (calls.append(_op), _real(*a, **k))[1])
+    model = make_mlp()
+    for optimizer in (EMA(torch.optim.SGD(param_groups(model), lr=0.1), decay=0.9),
+                      SWA(torch.optim.SGD(param_groups(model), lr=0.1), swa_start=0, swa_freq=1)):
+        calls.clear()
+        train_step(model, optimizer, make_data()[0])
+        assert len(calls) == 2 and calls[0] == "any_nonfinite", calls  # two param groups, one call each

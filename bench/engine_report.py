@@ -1,0 +1,50 @@
+"""Markdown table of a bench/test_bench_engine.py run: ``python bench/engine_report.py RUN.json > OUT.md``."""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs"
+
+
+def main(path: str) -> None:
+    data = json.load(open(path))
+    machine = data["machine_info"]
+    rows = defaultdict(dict)
+    numel = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        rows[(info["group"], info["tensors"])][info["provider"]] = info["median_s"]
+        numel[(info["group"], info["tensors"])] = info["numel"]
+    print(f"# Averaging front-ends: host overhead ({data['datetime'][:10]})\n")
+    print(f"- machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} "
+          f"logical CPUs; torch {machine.get('torch')}, {machine.get('torch_threads')} threads; "
+          f"swm_fused {machine.get('swm_fused')} ({', '.join(machine.get('swm_fused_backends', []))})")
+    if machine.get("bench_quick"):
+        print("- **--bench-quick run: the numbers mean nothing**")
+    print("- medians of pytest-benchmark rounds, all cases in one run\n")
+    print("## Drop-in `AveragedModel.update_parameters`\n")
+    print("| update | tensors | params | torch | swm_fused | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (group, tensors), medians in sorted(rows.items()):
+        if not group.startswith("dropin"):
+            continue
+        t, o = medians.get("torch"), medians.get("swm_fused")
+        kind = "EMA (`get_ema_multi_avg_fn`)" if group.endswith("ema") else "default SWA"
+        print(f"| {kind} | {tensors:,} | {numel[(group, tensors)]:,} | {fmt(t) if t else '-'} | "
+              f"{fmt(o) if o else '-'} | {t / o:.2f}x |" if t and o else "")
+    print("\n## `WeightAverager.update()` host time (tiny tensors: kernel time negligible)\n")
+    print("| tensors | timm-style `_foreach_lerp_` | `WeightAverager` (lists) | `WeightAverager` (flattened model) |")
+    print("|---:|---:|---:|---:|")
+    for (group, tensors), medians in sorted(rows.items()):
+        if group != "host":
+            continue
+        cells = [fmt(medians[p]) if p in medians else "-" for p in ("foreach_lerp", "averager", "averager-flat")]
+        print(f"| {tensors:,} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
