@@ -1,6 +1,7 @@
 // The swm_fused operator library: schemas only. Kernels register per device with
-// TORCH_LIBRARY_IMPL (csrc/cpu/ for CPU, csrc/cuda/ for CUDA); fake kernels live in
-// swm_fused/_fake.py. Importing swm_fused._C loads this library.
+// TORCH_LIBRARY_IMPL (csrc/cpu/ for CPU, csrc/cuda/ for CUDA); csrc/checks.cpp registers the
+// validator in front of them and the check_* ops; fake kernels live in swm_fused/_fake.py.
+// Importing swm_fused._C loads this library.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -18,4 +19,10 @@ TORCH_LIBRARY(swm_fused, m) {
         "Tensor? found_inf) -> ()");
   m.def("merge_(Tensor(a!)[] out, Tensor[] inputs, float[] weights) -> ()");
   m.def("any_nonfinite(Tensor[] tensors) -> Tensor");
+  // The validator alone, with the list arguments of the op above of the same name: the Python
+  // backends (reference, triton) call these before running, so every backend checks the same rules.
+  m.def("check_lerp_(Tensor[] avg, Tensor[] src, Tensor? weight_tensor, Tensor? found_inf) -> ()");
+  m.def("check_swag_(Tensor[] mean, Tensor[] sq_mean, Tensor[] src, Tensor? weight_tensor, Tensor? found_inf) -> ()");
+  m.def("check_merge_(Tensor[] out, Tensor[] inputs, int num_weights) -> ()");
+  m.def("check_any_nonfinite(Tensor[] tensors) -> ()");
 }

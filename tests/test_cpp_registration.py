@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from swm_fused.backends import cpp
+from swm_fused import dispatch
 from _helpers import FLOAT_DTYPES, random_tensor
 
-if cpp.unavailable_reason():
-    pytest.skip(f"cpp backend unavailable: {cpp.unavailable_reason()}", allow_module_level=True)
+if dispatch.backend_status()["cpp"]:
+    pytest.skip(f"cpp backend unavailable: {dispatch.backend_status()['cpp']}", allow_module_level=True)
 
 OPS = torch.ops.swm_fused
 SHAPES = [(3, 5), (7,), (), (0,), (33, 2)]
@@ -102,9 +102,11 @@ def test_compiled_fullgraph_matches_eager(flag):
                 and torch.equal(c.isnan(), e.isnan()), f"{name}[{i}] differs between compiled and eager"
 
 
-def test_extension_validates_lists():
-    """This build checks lists in C++, so swm_fused/ops.py skips its per-tensor Python checks."""
-    assert cpp.VALIDATES_LISTS
+@pytest.mark.parametrize("op", ["lerp_", "swag_", "merge_", "any_nonfinite"])
+def test_validator_sits_in_front_of_every_kernel_and_has_a_check_op(op):
+    """csrc/checks.cpp: BackendSelect kernels for the compiled path, check_* ops for the Python backends."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::{op}", "BackendSelect")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::check_{op}", "CompositeImplicitAutograd")
 
 
 # Direct calls get the contract's messages without a public op name (swm_fused/ops.py adds it).
@@ -126,6 +128,12 @@ _DIRECT_BAD_CALLS = {
                                                     None), ValueError, "src[4] is on meta but avg[0] is on cpu"),
     "any_nonfinite_device": (lambda avg, src: OPS.any_nonfinite(avg + [torch.empty((), device="meta")]),
                              ValueError, "tensors[5] is on meta but tensors[0] is on cpu"),
+    "any_nonfinite_int": (lambda avg, src: OPS.any_nonfinite(avg + [torch.ones(2, dtype=torch.int64)]),
+                          TypeError, "tensors[5] has dtype torch.int64; sources must be floating point"),
+    "found_inf_shape": (lambda avg, src: OPS.lerp_(avg, src, 0.5, None, torch.zeros(2)), ValueError,
+                        "found_inf must hold exactly one element, got shape (2,)"),
+    "weight_tensor_device": (lambda avg, src: OPS.swag_(avg, avg, src, 0.5, torch.empty((), device="meta"), None),
+                             ValueError, "weight_tensor is on meta but the tensors are on cpu"),
 }
 
 

@@ -23,9 +23,8 @@ void lerp_range(const Operand& avg, const Operand& src, int64_t lo, int64_t hi, 
 void lerp_cpu(at::TensorList avg, at::TensorList src, double weight,
               const std::optional<at::Tensor>& weight_tensor, const std::optional<at::Tensor>& found_inf) {
   Staging staging;
-  const std::vector<Operand> avgs = stage_list(staging, avg, true, "lerp_");
-  const std::vector<Operand> srcs = stage_list(staging, src, false, "lerp_");
-  check_numels(avgs, srcs, "lerp_");
+  const std::vector<Operand> avgs = stage_list(staging, avg, true);
+  const std::vector<Operand> srcs = stage_list(staging, src, false);
   if (step_is_skipped(found_inf)) return;
   const double w = weight_tensor.has_value() ? weight_tensor->item<double>() : weight;
   parallel_over_tensors(avgs, 1, [&](size_t i, int64_t lo, int64_t hi) {
