@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .dispatch import available_backends, use_backend
+from .dispatch import available_backends, tune, use_backend
 from .flat import FlatBuffer
 from .ops import any_nonfinite, ema_, merge_, swa_, swag_
 
@@ -32,4 +32,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["ema_", "swa_", "swag_", "merge_", "any_nonfinite", "FlatBuffer",
-           "available_backends", "use_backend", *_LAZY]
+           "available_backends", "use_backend", "tune", *_LAZY]
