@@ -3,7 +3,7 @@
 A *case* is one op on one workload with one model dtype (``ema-gpt2-bf16``,
 ``merge8-gpt2-fp32``). A *provider* is one way to compute it: swm_fused with a
 forced backend, or the best torch equivalent. Every provider of a case is
-credited with the same byte count (the minimum traffic of DESIGN.md), so GB/s
+credited with the same byte count (the minimum traffic of docs/design.md), so GB/s
 compares work done, not bytes moved.
 
 Dtypes: EMA, SWA and SWAG keep fp32 averages of fp32 or bf16 models. Merges run
@@ -55,7 +55,7 @@ class Case:
 
     @property
     def bytes_per_element(self) -> int:
-        """DESIGN.md's minimum traffic: read+write the average(s), read the source(s) once."""
+        """docs/design.md's minimum traffic: read+write the average(s), read the source(s) once."""
         src = torch.empty((), dtype=self.model_dtype).element_size()
         avg = torch.empty((), dtype=self.average_dtype).element_size()
         if self.op in ("ema", "swa"):
