@@ -235,9 +235,8 @@ def any_nonfinite(tensors: TensorList) -> Tensor:
     the host; pass the result as ``found_inf`` to skip a step.
     """
     tensor_list = _as_list("any_nonfinite", "tensors", tensors)
-    if isinstance(tensors, FlatBuffer):  # one storage per dtype: leave out whole groups
-        floating_groups = [s.is_floating_point() for s in tensors.storages]
-        if all(floating_groups):
+    if isinstance(tensors, FlatBuffer) and tensor_list:  # one storage per dtype: whole groups at once
+        if all(s.is_floating_point() for s in tensors.storages):
             return _run("any_nonfinite", "any_nonfinite", [tensor_list], [tensors],
                         _check_any_nonfinite)
     floating = [t for t in tensor_list if t.is_floating_point()]
