@@ -53,6 +53,13 @@ def _check_number(op: str, name: str, value) -> float:
     return value
 
 
+def _check_decay(op: str, decay) -> float:
+    decay = _check_number(op, "decay", decay)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{op}: decay must be in [0, 1], got {decay}")
+    return decay
+
+
 def _check_flag_type(op: str, found_inf: Optional[Tensor]) -> None:
     if found_inf is not None and not isinstance(found_inf, Tensor):
         raise TypeError(f"{op}: found_inf must be a Tensor or None, got {type(found_inf).__name__}")
@@ -150,9 +157,7 @@ def ema_(avg: TensorList, src: TensorList, decay: float, *, found_inf: Optional[
     non-zero, nothing changes; it is read on the device, never synchronised.
     """
     avgs, srcs = _as_list("ema_", "avg", avg), _as_list("ema_", "src", src)
-    decay = _check_number("ema_", "decay", decay)
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"ema_: decay must be in [0, 1], got {decay}")
+    decay = _check_decay("ema_", decay)
     _check_flag_type("ema_", found_inf)
     if not avgs:  # nothing to do, but unequal lengths are still an error
         return _prefixed("ema_", "check_lerp_", avgs, srcs, None, found_inf)
@@ -244,3 +249,89 @@ def any_nonfinite(tensors: TensorList) -> Tensor:
         device = tensor_list[0].device if tensor_list else torch.device("cpu")
         return torch.zeros((), dtype=torch.float32, device=device)
     return _run("any_nonfinite", "any_nonfinite", [floating], [floating], _check_any_nonfinite)
+
+
+class BoundLists:
+    """Tensor lists bound once, for ops repeated every step with no per-tensor cost in Python.
+
+    ``BoundLists(avg, src)`` serves :meth:`ema_` and :meth:`swa_`; ``BoundLists(mean, sq_mean, src)``
+    serves :meth:`swag_`; :meth:`any_nonfinite` checks one of the lists. With the compiled backend
+    (cpp on CPU, cuda on CUDA) the lists cross into C++ once, at the first call, and each call then
+    costs a few microseconds whatever the number of tensors; other backends run the plain ops.
+    Every call is validated exactly like the plain op (csrc/validate.h), with the same errors. The
+    binding holds the tensors themselves: after replacing one (``module.weight = ...``), bind again.
+    Not for use inside ``torch.compile``d code (use the plain ops there).
+    """
+
+    def __init__(self, *lists: TensorList):
+        if not lists:
+            raise ValueError("BoundLists: give at least one tensor list")
+        storages = _flat_storages(lists)
+        self._lists = storages if storages is not None else [
+            list(_as_list("BoundLists", f"lists[{k}]", x)) for k, x in enumerate(lists)]
+        for k, xs in enumerate(self._lists[1:], 1):
+            if len(xs) != len(self._lists[0]):
+                raise ValueError(f"BoundLists: lists[0] has {len(self._lists[0])} tensors but lists[{k}] has {len(xs)}")
+        self._has_floating = [any(t.is_floating_point() for t in xs) for xs in self._lists]
+        self._handles: dict = {}  # (backend, list indices, floating only) -> torch.classes.swm_fused.BoundLists
+
+    def __len__(self) -> int:
+        return len(self._lists[0])
+
+    def _compiled(self, indices: Tuple[int, ...], floating_only: bool = False):
+        """The C++ binding of lists ``indices`` when the compiled backend runs them, else None."""
+        device = self._lists[0][0].device
+        backend = dispatch.select(device)
+        if backend.name not in ("cpp", "cuda"):
+            return None
+        key = (backend.name, indices, floating_only)
+        if key not in self._handles:
+            lists = [[t for t in self._lists[k] if t.is_floating_point() or not floating_only] for k in indices]
+            self._handles[key] = torch.classes.swm_fused.BoundLists([t for x in lists for t in x], len(lists))
+        return self._handles[key]
+
+    def _call(self, op: str, method: str, indices: Tuple[int, ...], *args: Any) -> Any:
+        handle = self._compiled(indices, floating_only=method == "any_nonfinite")
+        try:
+            with torch.no_grad():
+                return getattr(handle, method)(*args)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{op}: {exc}") from None
+
+    def _need(self, op: str, count: int) -> None:
+        if len(self._lists) != count:
+            raise ValueError(f"{op}: needs {count} bound lists, this binding has {len(self._lists)}")
+
+    def ema_(self, decay: float, *, found_inf: Optional[Tensor] = None) -> None:
+        """:func:`ema_` on the bound (avg, src)."""
+        self._need("ema_", 2)
+        decay = _check_decay("ema_", decay)
+        _check_flag_type("ema_", found_inf)
+        if not len(self) or self._compiled((0, 1)) is None:
+            return ema_(*self._lists, decay, found_inf=found_inf)
+        self._call("ema_", "lerp_", (0, 1), 1.0 - decay, None, found_inf)
+
+    def swa_(self, n_averaged: Union[int, Tensor], *, found_inf: Optional[Tensor] = None) -> None:
+        """:func:`swa_` on the bound (avg, src)."""
+        self._need("swa_", 2)
+        if not len(self) or self._compiled((0, 1)) is None:
+            return swa_(*self._lists, n_averaged, found_inf=found_inf)
+        weight, weight_tensor = _swa_weight("swa_", n_averaged, self._lists[0][0].device)
+        _check_flag_type("swa_", found_inf)
+        self._call("swa_", "lerp_", (0, 1), weight, weight_tensor, found_inf)
+
+    def swag_(self, n_averaged: Union[int, Tensor], *, found_inf: Optional[Tensor] = None) -> None:
+        """:func:`swag_` on the bound (mean, sq_mean, src)."""
+        self._need("swag_", 3)
+        if not len(self) or self._compiled((0, 1, 2)) is None:
+            return swag_(*self._lists, n_averaged, found_inf=found_inf)
+        weight, weight_tensor = _swa_weight("swag_", n_averaged, self._lists[0][0].device)
+        _check_flag_type("swag_", found_inf)
+        self._call("swag_", "swag_", (0, 1, 2), weight, weight_tensor, found_inf)
+
+    def any_nonfinite(self, index: int = -1) -> Tensor:
+        """:func:`any_nonfinite` of bound list ``index`` (default: the last, the source)."""
+        index = range(len(self._lists))[index]
+        if not self._has_floating[index] or self._compiled((index,), floating_only=True) is None:
+            return any_nonfinite(self._lists[index])
+        return self._call("any_nonfinite", "any_nonfinite", (index,), 0)

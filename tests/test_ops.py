@@ -447,3 +447,68 @@ def test_empty_lists_are_a_no_op():
     swm_fused.ema_([], [], 0.9)
     swm_fused.merge_([], [[], []], [0.5, 0.5])
     assert swm_fused.any_nonfinite([]).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# BoundLists: the same ops on lists bound once.
+
+@pytest.mark.parametrize("op", ["ema_", "swa_", "swag_"])
+@pytest.mark.parametrize("row", ROWS, ids=row_id)
+def test_bound_lists_give_the_plain_ops_results_bit_for_bit(row, op):
+    backend, device = row
+    case = make_case(op, [(4097,), (7, 3), (1,), (0,)], [torch.float32, torch.bfloat16], [torch.float16, torch.float32],
+                     device=device)
+    case["src"][1][2, 1] = float("nan")
+    plain, bound = copy_case(case), copy_case(case)
+    keys = ["avg", "sq", "src"] if op == "swag_" else ["avg", "src"]
+    with use_backend(backend):
+        handle = swm_fused.BoundLists(*[bound[k] for k in keys])
+        for step in range(3):
+            flag_plain = swm_fused.any_nonfinite(plain["src"])
+            flag_bound = handle.any_nonfinite()
+            assert torch.equal(flag_plain, flag_bound)
+            found_inf = None if step == 1 else flag_bound
+            if op == "ema_":
+                swm_fused.ema_(plain["avg"], plain["src"], case["decay"], found_inf=flag_plain if found_inf is not None else None)
+                handle.ema_(case["decay"], found_inf=found_inf)
+            else:
+                n = torch.tensor(step, device=device) if step == 2 else step
+                args = [plain[k] for k in keys]
+                getattr(swm_fused, op)(*args, n, found_inf=flag_plain if found_inf is not None else None)
+                getattr(handle, op)(n, found_inf=found_inf)
+    for i, (a, b) in enumerate(zip(written(plain), written(bound))):
+        assert torch.equal(bits(a), bits(b)), f"{backend} bound {op} tensor {i}"
+
+
+def test_bound_lists_validate_every_call_and_name_the_op():
+    avg = [random_tensor((4, 5), torch.float32), random_tensor((3,), torch.float32)]
+    src = [random_tensor((4, 5), torch.bfloat16), random_tensor((3,), torch.float32)]
+    handle = swm_fused.BoundLists(avg, src)
+    before = clones(avg)
+    with pytest.raises(ValueError, match=re.escape("ema_: decay must be in [0, 1]")):
+        handle.ema_(1.5)
+    with pytest.raises(ValueError, match=re.escape("swag_: needs 3 bound lists")):
+        handle.swag_(1)
+    with pytest.raises(ValueError, match=re.escape("found_inf must hold exactly one element")):
+        handle.ema_(0.9, found_inf=torch.zeros(2))
+    src[1].resize_(5)  # changed behind the binding's back: still checked
+    with pytest.raises(ValueError, match=re.escape("swa_: shape mismatch at index 1")):
+        handle.swa_(2)
+    assert_unchanged(before, avg, "rejected bound calls")
+    with pytest.raises(ValueError, match="lists\\[0\\] has 2 tensors but lists\\[1\\] has 1"):
+        swm_fused.BoundLists(avg, src[:1])
+
+
+def test_bound_lists_of_flatbuffers_and_of_nothing():
+    params = [random_tensor((33, 5), torch.bfloat16), random_tensor((7,), torch.bfloat16)]
+    avg = FlatBuffer.from_tensors(params, dtype=torch.float32)
+    expected = FlatBuffer.from_tensors(params, dtype=torch.float32)
+    src = FlatBuffer.from_tensors([p * 2 for p in params])
+    swm_fused.BoundLists(avg, src).ema_(0.75)
+    swm_fused.ema_(expected, src, 0.75)
+    assert all(torch.equal(a, e) for a, e in zip(avg.storages, expected.storages))
+    empty = swm_fused.BoundLists([], [])
+    empty.ema_(0.5)
+    assert empty.any_nonfinite().item() == 0.0
+    ints = swm_fused.BoundLists([torch.ones(3, dtype=torch.int64)])
+    assert ints.any_nonfinite().item() == 0.0
