@@ -28,6 +28,7 @@ using LerpFn = void(at::TensorList, at::TensorList, double, const OptTensor&, co
 using SwagFn = void(at::TensorList, at::TensorList, at::TensorList, double, const OptTensor&, const OptTensor&);
 using MergeFn = void(at::TensorList, at::TensorList, at::ArrayRef<double>);
 using AnyNonfiniteFn = at::Tensor(at::TensorList);
+using LerpMultiFn = void(at::TensorList, at::TensorList, at::ArrayRef<double>, const OptTensor&);
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> handle(const char* name) {
@@ -54,6 +55,13 @@ void merge_checked(c10::DispatchKeySet keys, at::TensorList out, at::TensorList 
   op.redispatch(keys & kAfterBackendSelect, out, inputs, weights);
 }
 
+void lerp_multi_checked(c10::DispatchKeySet keys, at::TensorList avgs, at::TensorList src,
+                        at::ArrayRef<double> weights, const OptTensor& found_inf) {
+  validate::lerp_multi_args(avgs, src, weights.size(), found_inf);
+  static const auto op = handle<LerpMultiFn>("swm_fused::lerp_multi_");
+  op.redispatch(keys & kAfterBackendSelect, avgs, src, weights, found_inf);
+}
+
 at::Tensor any_nonfinite_checked(c10::DispatchKeySet keys, at::TensorList tensors) {
   validate::any_nonfinite_args(tensors);
   static const auto op = handle<AnyNonfiniteFn>("swm_fused::any_nonfinite");
@@ -65,12 +73,18 @@ void check_merge(at::TensorList out, at::TensorList inputs, int64_t num_weights)
   validate::merge_args(out, inputs, static_cast<size_t>(num_weights));
 }
 
+void check_lerp_multi(at::TensorList avgs, at::TensorList src, int64_t num_weights, const OptTensor& found_inf) {
+  TORCH_CHECK_VALUE(num_weights >= 0, "num_weights must be >= 0, got ", num_weights);
+  validate::lerp_multi_args(avgs, src, static_cast<size_t>(num_weights), found_inf);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(swm_fused, BackendSelect, m) {
   m.impl("lerp_", &lerp_checked);
   m.impl("swag_", &swag_checked);
   m.impl("merge_", &merge_checked);
+  m.impl("lerp_multi_", &lerp_multi_checked);
   m.impl("any_nonfinite", &any_nonfinite_checked);
 }
 
@@ -78,6 +92,7 @@ TORCH_LIBRARY_IMPL(swm_fused, CompositeImplicitAutograd, m) {
   m.impl("check_lerp_", &validate::lerp_args);
   m.impl("check_swag_", &validate::swag_args);
   m.impl("check_merge_", &check_merge);
+  m.impl("check_lerp_multi_", &check_lerp_multi);
   m.impl("check_any_nonfinite", &validate::any_nonfinite_args);
 }
 

@@ -131,6 +131,22 @@ inline void merge_args(at::TensorList out, at::TensorList inputs, size_t n_weigh
   check_lists(lists);
 }
 
+// `avgs` holds K = n_weights lists back to back (k-major: avgs[k * N + i]), N = src.size().
+inline void lerp_multi_args(at::TensorList avgs, at::TensorList src, size_t n_weights,
+                            const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK_VALUE(n_weights >= 1, "weights is empty; give at least one profile");
+  const size_t n = src.size();
+  TORCH_CHECK_VALUE(avgs.size() == n_weights * n, "avgs has ", avgs.size(), " tensors but ", n_weights,
+                    " weights and ", n, " sources need ", n_weights * n, " (k-major: avgs[k * ", n, " + i])");
+  check_scalar_tensor("found_inf", found_inf, avgs);
+  std::vector<NamedList> lists;
+  lists.reserve(n_weights + 1);
+  for (size_t k = 0; k < n_weights; ++k)
+    lists.push_back({"avgs[" + std::to_string(k) + "]", avgs.slice(k * n, n), Role::Written});
+  lists.push_back({"src", src, Role::Read});
+  check_lists(lists);
+}
+
 // Only floating tensors reach any_nonfinite: swm_fused/ops.py leaves out the others, which cannot hold NaN.
 inline void any_nonfinite_args(at::TensorList tensors) { check_lists({{"tensors", tensors, Role::Read}}); }
 

@@ -90,9 +90,9 @@ def _flat_storages(args: Sequence[TensorList]) -> Optional[List[List[Tensor]]]:
 
 
 def _run(op: str, primitive: str, lists: List[List[Tensor]], args: Sequence[TensorList], check: Callable,
-         rest: Tuple = (), check_rest: Tuple = ()) -> Any:
-    """Run ``primitive(*lists, *rest)`` on the backend for the tensors' device (a merge's K input
-    lists go as one argument: ``merge_(lists[0], lists[1:], *rest)``).
+         rest: Tuple = (), check_rest: Tuple = (), pack: Callable = tuple) -> Any:
+    """Run ``primitive(*pack(lists), *rest)`` on the backend for the tensors' device (``pack`` groups
+    lists that go as one argument, such as a merge's K inputs).
 
     FlatBuffers of one layout hand their storages over instead of their views: one kernel
     per storage. The backend validates first (csrc/validate.h); a failed check raises with
@@ -102,11 +102,9 @@ def _run(op: str, primitive: str, lists: List[List[Tensor]], args: Sequence[Tens
     storages = _flat_storages(args)
     operands = lists if storages is None else storages
     backend = dispatch.select(operands[0][0].device)
-    if primitive == "merge_":
-        operands = [operands[0], operands[1:]]
     try:
         with torch.no_grad():
-            return getattr(backend.kernels, primitive)(*operands, *rest)
+            return getattr(backend.kernels, primitive)(*pack(operands), *rest)
     except (ValueError, TypeError) as exc:
         if storages is not None:
             try:
@@ -142,6 +140,11 @@ def _check_swag(means: List[Tensor], sq_means: List[Tensor], srcs: List[Tensor],
 
 def _check_merge(outs: List[Tensor], *input_lists: List[Tensor]) -> None:
     _validator().check_merge_(outs, [t for x in input_lists for t in x], len(input_lists))
+
+
+def _check_lerp_multi(*lists: List[Tensor], found_inf: Optional[Tensor] = None) -> None:
+    """lists = K average lists then the source list."""
+    _validator().check_lerp_multi_([t for x in lists[:-1] for t in x], lists[-1], len(lists) - 1, found_inf)
 
 
 def _check_any_nonfinite(tensors: List[Tensor]) -> None:
@@ -229,7 +232,43 @@ def merge_(out: TensorList, inputs: Sequence[TensorList], weights: Union[Sequenc
             raise ValueError(f"merge_: out has {len(outs)} tensors but inputs[{k}] has {len(xs)}")
     if not outs:
         return
-    _run("merge_", "merge_", [outs, *input_lists], [out, *inputs], _check_merge, (weights,))
+    _run("merge_", "merge_", [outs, *input_lists], [out, *inputs], _check_merge, (weights,),
+         pack=lambda lists: (lists[0], lists[1:]))
+
+
+def ema_multi_(avgs: Sequence[TensorList], src: TensorList, weights: Sequence[float], *,
+               found_inf: Optional[Tensor] = None) -> None:
+    """K exponential moving averages of one source in one pass: ``avgs[k] = lerp(avgs[k], src, weights[k])``.
+
+    ``weights[k]`` in [0, 1] is the source's weight in profile k (``1 - decay_k``); each profile
+    computes exactly as ``ema_(avgs[k], src, 1 - weights[k])`` would, but the source is read once:
+    (source + 8K) bytes per element for K fp32 profiles instead of K x (source + 8). ``avgs`` is
+    K tensor lists (or K FlatBuffers of the source's layout), each paired with ``src`` by position.
+    If ``found_inf`` is non-zero nothing changes.
+    """
+    srcs = _as_list("ema_multi_", "src", src)
+    if isinstance(avgs, (Tensor, FlatBuffer)) or not isinstance(avgs, (list, tuple)):
+        raise TypeError("ema_multi_: avgs must be a list of K tensor lists (one per profile)")
+    if len(avgs) == 0:
+        raise ValueError("ema_multi_: avgs is empty; give at least one profile")
+    avg_lists = [_as_list("ema_multi_", f"avgs[{k}]", x) for k, x in enumerate(avgs)]
+    if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"ema_multi_: weights must be a sequence of numbers, got {type(weights).__name__}")
+    if len(weights) != len(avg_lists):
+        raise ValueError(f"ema_multi_: got {len(weights)} weights for {len(avg_lists)} average lists")
+    weights = [_check_number("ema_multi_", f"weights[{k}]", w) for k, w in enumerate(weights)]
+    for k, w in enumerate(weights):
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"ema_multi_: weights[{k}] must be in [0, 1], got {w}")
+    _check_flag_type("ema_multi_", found_inf)
+    for k, xs in enumerate(avg_lists):
+        if len(xs) != len(srcs):
+            raise ValueError(f"ema_multi_: src has {len(srcs)} tensors but avgs[{k}] has {len(xs)}")
+    if not srcs:
+        return
+    _run("ema_multi_", "lerp_multi_", [*avg_lists, srcs], [*avgs, src],
+         lambda *lists: _check_lerp_multi(*lists, found_inf=found_inf), (weights, found_inf),
+         pack=lambda lists: (lists[:-1], lists[-1]))
 
 
 def any_nonfinite(tensors: TensorList) -> Tensor:

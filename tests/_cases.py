@@ -1,8 +1,8 @@
 """The one case harness for every backend and device: random inputs for an op, the op run under a
 backend on copies of them, and the comparison with the reference backend or with float64 math.
 
-A case is a dict: ``op`` (ema_, swa_, swag_, merge_), its tensors (``avg``/``src``/``sq`` or
-``out``/``inputs``), ``decay``, ``n``, ``weights``, and a ``layout`` under which the op sees views
+A case is a dict: ``op`` (ema_, swa_, swag_, merge_, ema_multi_), its tensors (``avg``/``src``/``sq``,
+``out``/``inputs`` or ``avgs``/``src``), ``decay``, ``n``, ``weights``, and a ``layout`` under which the op sees views
 of those tensors ("offset" views start one element in, so vectorised kernels take their scalar
 path; "strided" and "transposed" views are not contiguous). Outputs of merges are poisoned (NaN)
 before the run. ``rows()`` lists the (backend, device) pairs this machine can run.
@@ -19,7 +19,7 @@ import swm_fused
 from swm_fused import dispatch, use_backend
 from _helpers import BACKEND_TOLERANCES, FLOAT64_TOLERANCES, assert_close, assert_unchanged
 
-OPS = ("ema_", "swa_", "swag_", "merge_")
+OPS = ("ema_", "swa_", "swag_", "merge_", "ema_multi_")
 WRITTEN = ("avg", "sq", "out")
 CPU = torch.device("cpu")
 
@@ -58,6 +58,7 @@ def make_case(op: str, shapes: Sequence, avg_dtypes: Sequence[torch.dtype], src_
 
     ``shapes`` are tensor shapes, or ints (sizes of the layout's 1-D views). For merges,
     ``alias=j`` makes ``out`` the very same tensors as ``inputs[j]``; one weight is always negative.
+    ``ema_multi_`` gets K average lists (profile k with the dtypes rotated by k) and K weights in [0, 1].
     """
     w_shape, _, r_shape, _ = LAYOUTS[layout]
     shapes = [s if isinstance(s, tuple) else int(s) for s in shapes]
@@ -71,6 +72,12 @@ def make_case(op: str, shapes: Sequence, avg_dtypes: Sequence[torch.dtype], src_
     weights[-1] = -abs(weights[-1]) - 0.1  # task arithmetic puts a negative weight on the base
     case: Dict = {"op": op, "layout": layout, "alias": alias, "weights": weights,
                   "decay": random.uniform(0.5, 0.999), "n": random.randrange(0, 9)}
+    if op == "ema_multi_":
+        case["avgs"] = [[random_tensor(s, avg_dt[(i + j) % len(avg_dt)], device) for i, s in enumerate(w_shapes)]
+                        for j in range(k)]
+        case["src"] = [random_tensor(s, d, device, scale=2.0) for s, d in zip(r_shapes, src_dt)]
+        case["weights"] = [random.choice([0.0, 1.0, random.random(), random.uniform(0.5, 1.0)]) for _ in range(k)]
+        return case
     if op == "merge_":
         case["inputs"] = [[random_tensor(s, d, device) for s, d in zip(r_shapes, src_dt)] for _ in range(k)]
         if alias is None:
@@ -95,6 +102,8 @@ def copy_case(case: Dict) -> Dict:
         c["inputs"] = [[t.clone() for t in x] for x in case["inputs"]]
         if case["alias"] is not None:
             c["inputs"][case["alias"]] = c["out"]
+    if "avgs" in case:
+        c["avgs"] = [[t.clone() for t in x] for x in case["avgs"]]
     return c
 
 
@@ -105,6 +114,8 @@ def views(c: Dict) -> Dict[str, List]:
          for key in ("avg", "src", "sq", "out") if key in c}
     if "inputs" in c:  # inputs[alias] gets out's very view objects: a true in-place merge
         v["inputs"] = [v["out"] if k == c["alias"] else [r_view(t) for t in x] for k, x in enumerate(c["inputs"])]
+    if "avgs" in c:
+        v["avgs"] = [[w_view(t) for t in x] for x in c["avgs"]]
     return v
 
 
@@ -118,12 +129,14 @@ def apply(c: Dict, v: Dict, found_inf: Optional[Tensor] = None, n_as_tensor: boo
         swm_fused.swa_(v["avg"], v["src"], n, found_inf=found_inf)
     elif op == "swag_":
         swm_fused.swag_(v["avg"], v["sq"], v["src"], n, found_inf=found_inf)
+    elif op == "ema_multi_":
+        swm_fused.ema_multi_(v["avgs"], v["src"], c["weights"], found_inf=found_inf)
     else:
         swm_fused.merge_(v["out"], v["inputs"], c["weights"])
 
 
 def _device(c: Dict) -> torch.device:
-    return (c.get("avg") or c["out"])[0].device
+    return (c.get("avg") or c.get("out") or c["src"])[0].device
 
 
 def run(case: Dict, backend: str, found_inf: Optional[Tensor] = None, n_as_tensor: bool = False) -> Dict:
@@ -136,7 +149,7 @@ def run(case: Dict, backend: str, found_inf: Optional[Tensor] = None, n_as_tenso
 
 def written(c: Dict) -> List[Tensor]:
     """The tensors an op writes (whole bases, so gaps between views count too), in order."""
-    return [t for key in WRITTEN for t in c.get(key, [])]
+    return [t for key in WRITTEN for t in c.get(key, [])] + [t for x in c.get("avgs", []) for t in x]
 
 
 def read_only(c: Dict) -> List[Tensor]:
@@ -151,6 +164,9 @@ def float64_oracle(case: Dict) -> List[Tensor]:
     if op == "merge_":
         return [sum(w * x[i].double() for w, x in zip(case["weights"], case["inputs"]))
                 for i in range(len(case["out"]))]
+    if op == "ema_multi_":
+        return [a.double() + w * (s.double() - a.double())
+                for w, x in zip(case["weights"], case["avgs"]) for a, s in zip(x, case["src"])]
     w = 1.0 - case["decay"] if op == "ema_" else 1.0 / (case["n"] + 1)
     new = [a.double() + w * (s.double() - a.double()) for a, s in zip(case["avg"], case["src"])]
     if op == "swag_":

@@ -14,6 +14,7 @@ def all_ops(avg, sq, src, found_inf):
     swm_fused.swa_(avg, src, 3)
     swm_fused.swag_(avg, sq, src, 2, found_inf=found_inf)
     swm_fused.merge_(sq, [avg, src, sq], [0.5, -0.25, 0.75])
+    swm_fused.ema_multi_([avg, sq], src, [0.25, 0.125], found_inf=found_inf)
     return swm_fused.any_nonfinite(avg + sq)
 
 

@@ -37,7 +37,7 @@ def _clones(tensors: List[Tensor]) -> List[Tensor]:
     return [t.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("ops", ["lerp_", "swag_", "merge_", "any_nonfinite"])
+@pytest.mark.parametrize("ops", ["lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite"])
 def test_every_op_has_a_cpu_kernel(ops):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::{ops}", "CPU")
 
@@ -55,6 +55,15 @@ def test_opcheck_swag(flags):
     weight = torch.rand(()).item()
     sq_means = [t.abs() for t in _mixed(2)]
     torch.library.opcheck(OPS.swag_.default, (_mixed(0), sq_means, _mixed(3), weight, weight_tensor, found_inf))
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
+@pytest.mark.parametrize("k", [1, 3])
+def test_opcheck_lerp_multi(k, found_inf):
+    avgs = [t for j in range(k) for t in _mixed(j)]  # k-major
+    weights = torch.rand(k, dtype=torch.float64).tolist()
+    flag = None if found_inf is None else torch.tensor(found_inf)
+    torch.library.opcheck(OPS.lerp_multi_.default, (avgs, _mixed(2), weights, flag))
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -102,7 +111,7 @@ def test_compiled_fullgraph_matches_eager(flag):
                 and torch.equal(c.isnan(), e.isnan()), f"{name}[{i}] differs between compiled and eager"
 
 
-@pytest.mark.parametrize("op", ["lerp_", "swag_", "merge_", "any_nonfinite"])
+@pytest.mark.parametrize("op", ["lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite"])
 def test_validator_sits_in_front_of_every_kernel_and_has_a_check_op(op):
     """csrc/checks.cpp: BackendSelect kernels for the compiled path, check_* ops for the Python backends."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::{op}", "BackendSelect")

@@ -41,6 +41,7 @@ def _every_op(device: torch.device) -> None:
     swm_fused.swa_(avg, src, n, found_inf=flag)
     swm_fused.swa_(avg, src, 5)
     swm_fused.swag_(avg, sq, src, n, found_inf=flag)
+    swm_fused.ema_multi_([avg, sq], src, [0.1, 0.01], found_inf=flag)
     swm_fused.merge_(out, [avg, src, sq], [0.5, -0.25, 0.75])
     swm_fused.merge_(out, [avg, src], torch.tensor([0.5, 0.5]))
     swm_fused.ema_(flat_avg, flat_src, 0.9, found_inf=swm_fused.any_nonfinite(flat_src))

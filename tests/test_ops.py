@@ -101,10 +101,35 @@ def test_single_tensor_stands_for_a_list(row, op):
             swm_fused.swa_(c["avg"][0], c["src"][0], c["n"])
         elif op == "swag_":
             swm_fused.swag_(c["avg"][0], c["sq"][0], c["src"][0], c["n"])
+        elif op == "ema_multi_":
+            swm_fused.ema_multi_([x[0] for x in c["avgs"]], c["src"][0], c["weights"])
         else:
             swm_fused.merge_(c["out"][0], [x[0] for x in c["inputs"]], c["weights"])
     for a, e in zip(written(c), expected):
         assert torch.equal(bits(a), bits(e))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("row", OTHER_ROWS, ids=row_id)
+def test_ema_multi_k_profiles_with_mixed_dtypes(row, k):
+    """K profiles (more than one launch takes, on GPUs, from 5), the profiles' dtypes differing at a position."""
+    backend, device = row
+    case = make_case("ema_multi_", [(4097,), (3, 7), (1,), (0,)], [torch.float32, torch.bfloat16, torch.float64],
+                     FLOAT_DTYPES, k=k, device=device)
+    compare_to_reference(case, backend)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=row_id)
+def test_ema_multi_equals_k_separate_ema_calls_bit_for_bit(row):
+    backend, device = row
+    case = make_case("ema_multi_", [(4097,), (7, 3)], [torch.float32], [torch.bfloat16], k=3, device=device)
+    fused, separate = run(case, backend), copy_case(case)
+    kernels = dispatch.get_backend(backend).kernels
+    with torch.no_grad():
+        for w, avg in zip(case["weights"], separate["avgs"]):  # what ema_(avg, src, decay) runs, w = 1 - decay
+            kernels.lerp_(avg, separate["src"], w, None, None)
+    for i, (a, b) in enumerate(zip(written(fused), written(separate))):
+        assert torch.equal(bits(a), bits(b)), f"{backend} profile tensor {i}"
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 11])
@@ -135,7 +160,7 @@ def _column_major(t: Tensor) -> Tensor:
     return t.t().contiguous().t()
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", ["ema_", "swa_", "swag_", "merge_"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend, op):
     """Strided outputs and column-major sources give correct results; nothing outside the views changes."""
@@ -164,7 +189,7 @@ def test_non_contiguous_inputs(backend, op):
 
 
 @pytest.mark.parametrize("flag", [1.0, float("inf"), float("nan")], ids=["one", "inf", "nan"])
-@pytest.mark.parametrize("op", ["ema_", "swa_", "swag_"])
+@pytest.mark.parametrize("op", ["ema_", "swa_", "swag_", "ema_multi_"])
 @pytest.mark.parametrize("row", ROWS, ids=row_id)
 def test_found_inf_set_changes_nothing_and_unset_changes_as_usual(row, op, flag):
     backend, device = row
@@ -221,13 +246,14 @@ def test_flatbuffers_run_once_per_storage_and_match_lists(row, op):
     for key in ("avg", "src", "sq", "out"):
         if key in flat:
             flat[key] = FlatBuffer.from_tensors(case[key])
-    if "inputs" in flat:
-        flat["inputs"] = [FlatBuffer.from_tensors(x) for x in case["inputs"]]
+    for key in ("inputs", "avgs"):
+        if key in flat:
+            flat[key] = [FlatBuffer.from_tensors(x) for x in case[key]]
     kernels = dispatch.get_backend(backend).kernels
-    primitive = "lerp_" if op in ("ema_", "swa_") else op
+    primitive = {"ema_": "lerp_", "swa_": "lerp_", "ema_multi_": "lerp_multi_"}.get(op, op)
     with use_backend(backend), mock.patch.object(kernels, primitive, wraps=getattr(kernels, primitive)) as spy:
         apply(flat, flat)
-    first_list = spy.call_args.args[0]
+    first_list = spy.call_args.args[1 if op == "ema_multi_" else 0]
     assert len(first_list) == 1 and first_list[0].dim() == 1, "a flat op must see one storage, not the views"
     got = [v for buf in _written_buffers(flat) for v in buf.views]
     for i, (g, e) in enumerate(zip(got, expected)):
@@ -235,6 +261,8 @@ def test_flatbuffers_run_once_per_storage_and_match_lists(row, op):
 
 
 def _written_buffers(case: Dict) -> List[FlatBuffer]:
+    if case["op"] == "ema_multi_":
+        return case["avgs"]
     keys = {"ema_": ["avg"], "swa_": ["avg"], "swag_": ["avg", "sq"], "merge_": ["out"]}[case["op"]]
     return [case[k] for k in keys]
 
@@ -335,6 +363,20 @@ def _bad_calls():
         "device_before_later_dtype": (lambda x, y, o: swm_fused.merge_(o, [[meta(4, 5), x[1]], [y[0], a(3, d=i64)]],
                                                                        [0.5, 0.5]), ValueError,
                                       "merge_: inputs[0][0] is on meta but out[0] is on cpu"),
+        "multi_lengths": (lambda x, y, o: swm_fused.ema_multi_([x, o[:1]], y, [0.5, 0.5]), ValueError,
+                          "ema_multi_: src has 2 tensors but avgs[1] has 1"),
+        "multi_weight_range": (lambda x, y, o: swm_fused.ema_multi_([x, o], y, [0.5, 1.5]), ValueError,
+                               "ema_multi_: weights[1] must be in [0, 1], got 1.5"),
+        "multi_weights_count": (lambda x, y, o: swm_fused.ema_multi_([x, o], y, [0.5]), ValueError,
+                                "ema_multi_: got 1 weights for 2 average lists"),
+        "multi_int_average": (lambda x, y, o: swm_fused.ema_multi_([x, [o[0], a(3, d=i64)]], y, [0.5, 0.5]),
+                              TypeError, "ema_multi_: avgs[1][1] has dtype torch.int64; averages and outputs"),
+        "multi_shape": (lambda x, y, o: swm_fused.ema_multi_([x, o], [y[0], a(2)], [0.5, 0.5]), ValueError,
+                        "ema_multi_: shape mismatch at index 1: avgs[0][1] has shape (3,) but src[1] has shape (2,)"),
+        "multi_found_inf": (lambda x, y, o: swm_fused.ema_multi_([x], y, [0.5], found_inf=torch.zeros(3)), ValueError,
+                            "ema_multi_: found_inf must hold exactly one element"),
+        "multi_not_lists": (lambda x, y, o: swm_fused.ema_multi_(x[0], y, [0.5]), TypeError,
+                            "ema_multi_: avgs must be a list of K tensor lists"),
         "scalars_before_tensors": (lambda x, y, o: swm_fused.ema_([x[0], a(3, d=i64)], y, 2.0), ValueError,
                                    "ema_: decay must be in [0, 1]"),
     }

@@ -117,6 +117,63 @@ void lerp_cuda(at::TensorList avg, at::TensorList src, double weight, const std:
   avgs.finish();
 }
 
+// avg is k-major: avg[k * n + i] pairs with src[i], K = weights.size(). Positions whose K averages
+// share a dtype run fused (the source read once per kMaxLerpProfiles profiles); others run as K lerps.
+void lerp_multi_cuda(at::TensorList avg, at::TensorList src, at::ArrayRef<double> weights,
+                     const std::optional<Tensor>& found_inf) {
+  const size_t n = src.size(), k_total = weights.size();
+  if (n == 0) return;
+  const at::Device device = src[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Outputs avgs(avg);
+  Inputs inputs(n);
+  Tensor found_keep;
+  const float* found_dev = scalar_pointer<float>(found_inf, at::kFloat, found_keep);
+  std::vector<int64_t> numels, mixed_numels;
+  std::vector<const void*> src_ptrs, mixed_src_ptrs;
+  std::vector<int32_t> avg_codes, src_codes, mixed_src_codes;
+  std::vector<std::vector<void*>> avg_ptrs(k_total), mixed_avg_ptrs(k_total);
+  std::vector<std::vector<int32_t>> mixed_avg_codes(k_total);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor s = inputs.add(src[i], at::kFloat);
+    const int32_t code = dtype_code(avgs[i].scalar_type());
+    bool uniform = true;
+    for (size_t k = 1; k < k_total; ++k) uniform = uniform && dtype_code(avgs[k * n + i].scalar_type()) == code;
+    if (uniform) {
+      numels.push_back(s.numel());
+      src_ptrs.push_back(s.const_data_ptr());
+      src_codes.push_back(dtype_code(s.scalar_type()));
+      avg_codes.push_back(code);
+      for (size_t k = 0; k < k_total; ++k) avg_ptrs[k].push_back(avgs[k * n + i].data_ptr());
+    } else {
+      mixed_numels.push_back(s.numel());
+      mixed_src_ptrs.push_back(s.const_data_ptr());
+      mixed_src_codes.push_back(dtype_code(s.scalar_type()));
+      for (size_t k = 0; k < k_total; ++k) {
+        mixed_avg_ptrs[k].push_back(avgs[k * n + i].data_ptr());
+        mixed_avg_codes[k].push_back(dtype_code(avgs[k * n + i].scalar_type()));
+      }
+    }
+  }
+  const int64_t n_uniform = static_cast<int64_t>(numels.size());
+  for (size_t k0 = 0; k0 < k_total && n_uniform > 0; k0 += kMaxLerpProfiles) {
+    const size_t k_pass = std::min<size_t>(kMaxLerpProfiles, k_total - k0);
+    std::vector<void*> pass_avgs;  // k-major over the uniform positions
+    pass_avgs.reserve(k_pass * numels.size());
+    for (size_t k = k0; k < k0 + k_pass; ++k) pass_avgs.insert(pass_avgs.end(), avg_ptrs[k].begin(), avg_ptrs[k].end());
+    C10_CUDA_CHECK(launch_lerp_multi(n_uniform, numels.data(), static_cast<int32_t>(k_pass), pass_avgs.data(),
+                                     avg_codes.data(), src_ptrs.data(), src_codes.data(), weights.data() + k0,
+                                     found_dev, stream));
+  }
+  for (size_t k = 0; k < k_total && !mixed_numels.empty(); ++k) {
+    C10_CUDA_CHECK(launch_lerp(static_cast<int64_t>(mixed_numels.size()), mixed_numels.data(), mixed_avg_ptrs[k].data(),
+                               mixed_avg_codes[k].data(), mixed_src_ptrs.data(), mixed_src_codes.data(), weights[k],
+                               nullptr, found_dev, stream));
+  }
+  avgs.finish();
+}
+
 void swag_cuda(at::TensorList mean, at::TensorList sq_mean, at::TensorList src, double weight,
                const std::optional<Tensor>& weight_tensor, const std::optional<Tensor>& found_inf) {
   if (mean.empty()) return;
@@ -238,6 +295,7 @@ Tensor any_nonfinite_cuda(at::TensorList tensors) {
 
 TORCH_LIBRARY_IMPL(swm_fused, CUDA, m) {
   m.impl("lerp_", &lerp_cuda);
+  m.impl("lerp_multi_", &lerp_multi_cuda);
   m.impl("swag_", &swag_cuda);
   m.impl("merge_", &merge_cuda);
   m.impl("any_nonfinite", &any_nonfinite_cuda);

@@ -20,7 +20,7 @@ except ImportError as exc:
     IMPORT_ERROR = f"extension not built: {exc}"
 
 # The ops with device kernels (the check_* ops have one kernel for every device).
-KERNEL_OPS = ("lerp_", "swag_", "merge_", "any_nonfinite")
+KERNEL_OPS = ("lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite")
 
 
 def has_kernels(dispatch_key: str) -> bool:
@@ -33,6 +33,12 @@ def lerp_(avgs: List[Tensor], srcs: List[Tensor], weight: float,
           weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
     """avg <- lerp(avg, src, w), w = weight_tensor if given else weight; skipped when found_inf != 0."""
     torch.ops.swm_fused.lerp_(avgs, srcs, weight, weight_tensor, found_inf)
+
+
+def lerp_multi_(avgs: Sequence[List[Tensor]], srcs: List[Tensor], weights: List[float],
+                found_inf: Optional[Tensor]) -> None:
+    """avgs[k][i] <- lerp(avgs[k][i], src[i], weights[k]) for every k, reading each source once."""
+    torch.ops.swm_fused.lerp_multi_(list(itertools.chain.from_iterable(avgs)), srcs, weights, found_inf)  # k-major
 
 
 def swag_(means: List[Tensor], sq_means: List[Tensor], srcs: List[Tensor], weight: float,

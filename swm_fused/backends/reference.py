@@ -8,6 +8,8 @@ runs in float32 (float64 for float64 averages) and rounds once, at the store.
 Primitives (shared by every backend):
     lerp_(avgs, srcs, weight, weight_tensor, found_inf)
         avg <- avg + w * (src - avg)             (EMA: w = 1 - decay, SWA: w = 1/(n+1))
+    lerp_multi_(avgs, srcs, weights, found_inf)
+        avgs[k] <- lerp(avgs[k], src, weights[k]) for k = 0..K-1  (K EMA profiles, one source)
     swag_(means, sq_means, srcs, weight, weight_tensor, found_inf)
         mean <- mean + w * (src - mean);  sq_mean <- sq_mean + w * (src^2 - sq_mean)
     merge_(outs, inputs, weights)
@@ -51,6 +53,15 @@ def lerp_(avgs: Sequence[Tensor], srcs: Sequence[Tensor], weight: float,
         ct = compute_dtype(avg.dtype)
         a, s = avg.to(ct), src.to(ct)
         _store(avg, torch.lerp(a, s, _weight(weight, weight_tensor, ct)), found_inf)
+
+
+def lerp_multi_(avgs: Sequence[Sequence[Tensor]], srcs: Sequence[Tensor], weights: Sequence[float],
+                found_inf: Optional[Tensor]) -> None:
+    torch.ops.swm_fused.check_lerp_multi_([t for x in avgs for t in x], srcs, len(weights), found_inf)
+    for avg_list, w in zip(avgs, weights):
+        for avg, src in zip(avg_list, srcs):
+            ct = compute_dtype(avg.dtype)
+            _store(avg, torch.lerp(avg.to(ct), src.to(ct), w), found_inf)
 
 
 def swag_(means: Sequence[Tensor], sq_means: Sequence[Tensor], srcs: Sequence[Tensor],

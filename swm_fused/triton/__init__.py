@@ -31,6 +31,7 @@ else:
     from ._multi_tensor import INTERPRETED
     from .any_nonfinite import any_nonfinite as _any_nonfinite_launch
     from .lerp import lerp_ as _lerp_launch
+    from .lerp import lerp_multi_ as _lerp_multi_launch
     from .merge import merge_ as _merge_launch
     from .swag import swag_ as _swag_launch
 
@@ -44,6 +45,12 @@ else:
     def _lerp_op(avgs: List[Tensor], srcs: List[Tensor], weight: float, weight_tensor: Optional[Tensor],
                  found_inf: Optional[Tensor]) -> None:
         _lerp_launch(avgs, srcs, weight, weight_tensor, _as_flag(found_inf))
+
+    @torch.library.custom_op("swm_fused_triton::lerp_multi_", mutates_args=("avgs",))
+    def _lerp_multi_op(avgs: List[Tensor], srcs: List[Tensor], weights: List[float],
+                       found_inf: Optional[Tensor]) -> None:
+        n = len(srcs)
+        _lerp_multi_launch([avgs[k * n:(k + 1) * n] for k in range(len(weights))], srcs, weights, _as_flag(found_inf))
 
     @torch.library.custom_op("swm_fused_triton::swag_", mutates_args=("means", "sq_means"))
     def _swag_op(means: List[Tensor], sq_means: List[Tensor], srcs: List[Tensor], weight: float,
@@ -68,6 +75,13 @@ else:
         """``avg <- lerp(avg, src, w)``, ``w = weight_tensor`` if given else ``weight``; one launch per dtype pair."""
         torch.ops.swm_fused.check_lerp_(avgs, srcs, weight_tensor, found_inf)
         _lerp_op(avgs, srcs, weight, weight_tensor, found_inf)
+
+    def lerp_multi_(avgs: List[List[Tensor]], srcs: List[Tensor], weights: List[float],
+                    found_inf: Optional[Tensor]) -> None:
+        """K profiles of one source in one pass; one launch per dtype group."""
+        flat_avgs = [t for x in avgs for t in x]  # k-major, like the compiled op
+        torch.ops.swm_fused.check_lerp_multi_(flat_avgs, srcs, len(weights), found_inf)
+        _lerp_multi_op(flat_avgs, srcs, list(weights), found_inf)
 
     def swag_(means: List[Tensor], sq_means: List[Tensor], srcs: List[Tensor], weight: float,
               weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
