@@ -3,7 +3,7 @@
 A *case* is one op on one workload with one model dtype (``ema-gpt2-bf16``,
 ``merge8-gpt2-fp32``). A *provider* is one way to compute it: swm_fused with a
 forced backend, or the best torch equivalent. Every provider of a case is
-credited with the same byte count (the minimum traffic of DESIGN.md), so GB/s
+credited with the same byte count (the minimum traffic of docs/design.md), so GB/s
 compares work done, not bytes moved.
 
 Dtypes: EMA, SWA and SWAG keep fp32 averages of fp32 or bf16 models. Merges run
@@ -25,6 +25,7 @@ from swm_fused import FlatBuffer, dispatch
 from workloads import WORKLOADS, ParamList, numel, shrink
 
 EMA_DECAY = 0.999
+EMA2_DECAYS = (0.999, 0.9999)  # two post-hoc EMA profiles of one model (ema_multi_)
 SWA_N_AVERAGED = 10
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 QUICK_MAX_NUMEL = 1 << 18  # dry runs keep each workload's leading tensors up to this many elements
@@ -36,7 +37,7 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class Case:
-    """One op on one workload: ``op`` is ema, swa, swag or merge; ``k`` counts merged models."""
+    """One op on one workload: ``op`` is ema, ema2 (two profiles), swa, swag or merge; ``k`` counts merged models."""
 
     op: str
     workload: str
@@ -55,11 +56,13 @@ class Case:
 
     @property
     def bytes_per_element(self) -> int:
-        """DESIGN.md's minimum traffic: read+write the average(s), read the source(s) once."""
+        """docs/design.md's minimum traffic: read+write the average(s), read the source(s) once."""
         src = torch.empty((), dtype=self.model_dtype).element_size()
         avg = torch.empty((), dtype=self.average_dtype).element_size()
         if self.op in ("ema", "swa"):
             return 2 * avg + src
+        if self.op == "ema2":  # the source read once for both profiles
+            return 4 * avg + src
         if self.op == "swag":
             return 4 * avg + src
         return avg + self.k * src
@@ -68,6 +71,7 @@ class Case:
 def _common_cases() -> List[Case]:
     both = (torch.float32, torch.bfloat16)
     cases = [Case("ema", w, dt) for w in ("gpt2", "resnet50", "small20k") for dt in both]
+    cases += [Case("ema2", "gpt2", dt) for dt in both]
     cases += [Case("swa", "gpt2", dt) for dt in both]
     cases += [Case("swag", w, dt) for w in ("gpt2", "small20k") for dt in both]
     cases += [Case("merge", "gpt2", dt, k) for k in (2, 4, 8) for dt in both]
@@ -99,6 +103,7 @@ class CaseData:
     numel: int
     params: List[Tensor] = field(default_factory=list)  # ema/swa/swag: the model (source)
     avg: List[Tensor] = field(default_factory=list)  # ema/swa: the average; swag: the mean
+    avg2: List[Tensor] = field(default_factory=list)  # ema2: the second profile
     sq_mean: List[Tensor] = field(default_factory=list)
     inputs: List[List[Tensor]] = field(default_factory=list)  # merge: K models
     out: List[Tensor] = field(default_factory=list)
@@ -128,6 +133,8 @@ def build_data(case: Case, shapes: ParamList, device: torch.device, seed: int = 
     else:
         data.params = randn(case.model_dtype)
         data.avg = randn(case.average_dtype)
+        if case.op == "ema2":
+            data.avg2 = randn(case.average_dtype)
         if case.op == "swag":
             data.sq_mean = [t.square() for t in randn(case.average_dtype)]
     return data
@@ -172,6 +179,8 @@ def _swm_ops(backend: str, flat: bool) -> Callable[[Case, CaseData], Prepared]:
             with swm_fused.use_backend(backend):
                 if case.op == "ema":
                     swm_fused.ema_(avg, src, EMA_DECAY)
+                elif case.op == "ema2":
+                    swm_fused.ema_multi_([data.avg, data.avg2], data.params, [1.0 - d for d in EMA2_DECAYS])
                 elif case.op == "swa":
                     swm_fused.swa_(avg, src, SWA_N_AVERAGED)
                 elif case.op == "swag":
@@ -197,10 +206,30 @@ def _torch_foreach(case: Case, data: CaseData) -> Prepared:
             src = sources()
             torch._foreach_lerp_(data.avg, src, weight)
             torch._foreach_lerp_(data.sq_mean, torch._foreach_mul(src, src), weight)
+    elif case.op == "ema2":
+        def run() -> None:
+            src = sources()
+            torch._foreach_lerp_(data.avg, src, 1.0 - EMA2_DECAYS[0])
+            torch._foreach_lerp_(data.avg2, src, 1.0 - EMA2_DECAYS[1])
     else:
         def run() -> None:
             torch._foreach_lerp_(data.avg, sources(), weight)
     return run
+
+
+def _swm_two_ema_calls(backend: str) -> Callable[[Case, CaseData], Prepared]:
+    """ema2 as two separate ``ema_`` calls: the source read twice."""
+    def prepare(case: Case, data: CaseData) -> Prepared:
+        reason = dispatch.backend_status().get(backend, f"unknown backend {backend!r}")
+        if reason:
+            raise Unsupported(f"{backend}: {reason}")
+
+        def run() -> None:
+            with swm_fused.use_backend(backend):
+                swm_fused.ema_(data.avg, data.params, EMA2_DECAYS[0])
+                swm_fused.ema_(data.avg2, data.params, EMA2_DECAYS[1])
+        return run
+    return prepare
 
 
 def _as_module(tensors: List[Tensor]) -> nn.Module:
@@ -258,7 +287,7 @@ def _torch_stack_merge(case: Case, data: CaseData) -> Prepared:
 
 
 LERP_OPS = ("ema", "swa")
-ALL_OPS = ("ema", "swa", "swag", "merge")
+ALL_OPS = ("ema", "ema2", "swa", "swag", "merge")
 DEVICE_BACKENDS = {"cpu": ("reference", "cpp"), "cuda": ("cuda", "triton")}
 
 
@@ -269,7 +298,7 @@ def providers(device_type: str) -> List[Provider]:
     on CPU; cuda and triton on CUDA (the Triton interpreter is not benchmarked).
     """
     result = [
-        Provider("torch:foreach", ("ema", "swa", "swag"), _torch_foreach),
+        Provider("torch:foreach", ("ema", "ema2", "swa", "swag"), _torch_foreach),
         Provider("torch:AveragedModel", LERP_OPS, _torch_averaged_model, baselines=("torch:foreach",),
                  own_copy=True),
         Provider("torch:loop", ("merge",), _torch_loop_merge),
@@ -280,6 +309,8 @@ def providers(device_type: str) -> List[Provider]:
                                baselines=("torch:foreach", "torch:loop")))
         result.append(Provider(f"swm:{backend}:flat", ("ema",), _swm_ops(backend, flat=True),
                                baselines=("torch:foreach",), own_copy=True))
+        result.append(Provider(f"swm:{backend}:2x-ema_", ("ema2",), _swm_two_ema_calls(backend),
+                               baselines=("torch:foreach",)))
     result.append(Provider("swm:AveragedModel", LERP_OPS, _swm_averaged_model,
                            baselines=("torch:AveragedModel", "torch:foreach"), own_copy=True))
     return result

@@ -5,7 +5,7 @@
 Compares swm_fused's cuda and triton backends with the torch equivalents, side
 by side, in one run. Each call is timed with CUDA events (median of many, after
 a warm-up); cases smaller than a few L2 caches rotate through several buffer
-sets so that L2 does not flatter them. GB/s uses DESIGN.md's byte counts, the
+sets so that L2 does not flatter them. GB/s uses docs/design.md's byte counts, the
 ceiling is a device-to-device copy measured in the same run.
 
 Without a GPU, ``--device cpu --quick`` runs every code path on tiny workloads
@@ -156,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     title = "# swm_fused GPU benchmarks" if device.type == "cuda" else "# swm_fused benchmarks (gpu.py dry run on CPU)"
     lines = [title, "", *_header(device, (description, copy_gbps), args.quick, budget_s), "",
-             "GB/s counts DESIGN.md's minimum bytes for every provider of a case (EMA/SWA 12 B/elem for fp32 "
+             "GB/s counts docs/design.md's minimum bytes for every provider of a case (EMA/SWA 12 B/elem for fp32 "
              "models, 10 for bf16; SWAG 20/18; K-way merge (K+1) x element size, fp32 in/out or bf16 in/out). "
              "Speed-up is over the torch baseline named in `over`, measured in the same run.", "",
              markdown_table(records) if records else "(nothing measured)", "",

@@ -3,7 +3,7 @@
     python bench/report.py BENCH_JSON [--out-md FILE] [--out-png FILE]
 
 The markdown (also printed) has one row per case and provider: median time,
-GB/s (DESIGN.md's byte counts, the same for every provider of a case), the
+GB/s (docs/design.md's byte counts, the same for every provider of a case), the
 speed-up over the case's torch baseline, and the fraction of the copy bandwidth
 measured in the same run; then the issue's CPU targets, met or missed. The chart
 shows GB/s per case and provider, with the copy ceiling as a dashed line.
@@ -131,7 +131,7 @@ def targets_table(records: Sequence[Record], targets: Sequence[Target]) -> str:
 def render_markdown(bench: dict, records: Sequence[Record]) -> str:
     return "\n".join([
         "# swm_fused CPU benchmarks", "", *_cpu_header(bench), "",
-        "GB/s counts DESIGN.md's minimum bytes for every provider of a case (EMA/SWA 12 B/elem for fp32 "
+        "GB/s counts docs/design.md's minimum bytes for every provider of a case (EMA/SWA 12 B/elem for fp32 "
         "models, 10 for bf16; SWAG 20/18; K-way merge (K+1) x element size, fp32 in/out or bf16 in/out), so "
         "it compares work done. Speed-up is over the torch baseline named in `over`, measured in the same run.",
         "", markdown_table(records), "", "## Targets (issue 5, section 2)", "",

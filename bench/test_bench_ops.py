@@ -1,7 +1,7 @@
 """CPU micro-benchmarks: every case of ``cases.cpu_cases()`` with every provider, side by side.
 
 Each benchmark stores in ``extra_info`` what ``bench/report.py`` needs: the bytes
-credited (DESIGN.md's minimum, the same for every provider of a case), GB/s, the
+credited (docs/design.md's minimum, the same for every provider of a case), GB/s, the
 speed-up over the case's torch baseline, and the fraction of the copy bandwidth
 measured in this run.
 """

@@ -14,7 +14,7 @@ import torch
 
 import gpu
 import report
-from cases import SWA_N_AVERAGED, EMA_DECAY, Unsupported, build_data, cpu_cases, pairs, providers, workload_shapes
+from cases import EMA2_DECAYS, SWA_N_AVERAGED, EMA_DECAY, Unsupported, build_data, cpu_cases, pairs, providers, workload_shapes
 
 CPU = torch.device("cpu")
 # Providers that average into their own copy (AveragedModel, FlatBuffer) are checked by the package's tests.
@@ -29,8 +29,11 @@ def _expected(case, data):
     if case.op == "merge":
         expected = [sum(w * t for w, t in zip(data.weights, ts)) for ts in zip(*[f64(x) for x in data.inputs])]
         return list(zip(data.out, expected))
-    weight = 1 - EMA_DECAY if case.op == "ema" else 1 / (SWA_N_AVERAGED + 1)
     src = f64(data.params)
+    if case.op == "ema2":
+        return [(a, a64 + (1 - d) * (s - a64)) for avg, d in zip((data.avg, data.avg2), EMA2_DECAYS)
+                for a, a64, s in zip(avg, f64(avg), src)]
+    weight = 1 - EMA_DECAY if case.op == "ema" else 1 / (SWA_N_AVERAGED + 1)
     written = [(a, a64 + weight * (s - a64)) for a, a64, s in zip(data.avg, f64(data.avg), src)]
     if case.op == "swag":
         written += [(q, q64 + weight * (s * s - q64)) for q, q64, s in zip(data.sq_mean, f64(data.sq_mean), src)]

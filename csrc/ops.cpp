@@ -1,6 +1,7 @@
 // The swm_fused operator library: schemas only. Kernels register per device with
-// TORCH_LIBRARY_IMPL (csrc/cpu/ for CPU, csrc/cuda/ for CUDA); fake kernels live in
-// swm_fused/_fake.py. Importing swm_fused._C loads this library.
+// TORCH_LIBRARY_IMPL (csrc/cpu/ for CPU, csrc/cuda/ for CUDA); csrc/checks.cpp registers the
+// validator in front of them and the check_* ops; fake kernels live in swm_fused/_fake.py.
+// Importing swm_fused._C loads this library.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -17,5 +18,14 @@ TORCH_LIBRARY(swm_fused, m) {
   m.def("swag_(Tensor(a!)[] mean, Tensor(b!)[] sq_mean, Tensor[] src, float weight, Tensor? weight_tensor, "
         "Tensor? found_inf) -> ()");
   m.def("merge_(Tensor(a!)[] out, Tensor[] inputs, float[] weights) -> ()");
+  // avgs holds the K = len(weights) lists back to back (k-major: avgs[k * len(src) + i]).
+  m.def("lerp_multi_(Tensor(a!)[] avgs, Tensor[] src, float[] weights, Tensor? found_inf) -> ()");
   m.def("any_nonfinite(Tensor[] tensors) -> Tensor");
+  // The validator alone, with the list arguments of the op above of the same name: the Python
+  // backends (reference, triton) call these before running, so every backend checks the same rules.
+  m.def("check_lerp_(Tensor[] avg, Tensor[] src, Tensor? weight_tensor, Tensor? found_inf) -> ()");
+  m.def("check_swag_(Tensor[] mean, Tensor[] sq_mean, Tensor[] src, Tensor? weight_tensor, Tensor? found_inf) -> ()");
+  m.def("check_merge_(Tensor[] out, Tensor[] inputs, int num_weights) -> ()");
+  m.def("check_lerp_multi_(Tensor[] avgs, Tensor[] src, int num_weights, Tensor? found_inf) -> ()");
+  m.def("check_any_nonfinite(Tensor[] tensors) -> ()");
 }

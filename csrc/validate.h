@@ -1,7 +1,9 @@
-// Validation of the swm_fused ops' tensor lists: the C++ twin of swm_fused/ops.py::_check_lists.
-// Same rules, same order, same messages, minus the public op's name, which swm_fused/ops.py
-// prefixes ("ema_: avg has 3 tensors but src has 2"). ValueError / TypeError on the Python side
-// come from TORCH_CHECK_VALUE / TORCH_CHECK_TYPE. Header-only and device-agnostic (ATen/c10 only).
+// The one validator of the swm_fused ops' tensor arguments: list lengths, dtypes, shapes, devices
+// and the one-element flag tensors. Every backend reaches it: the compiled kernels through the
+// BackendSelect kernels of csrc/checks.cpp, the Python backends through the check_* ops. Messages
+// leave out the public op's name, which swm_fused/ops.py prefixes ("ema_: avg has 3 tensors but
+// src has 2"); TORCH_CHECK_VALUE / TORCH_CHECK_TYPE become ValueError / TypeError in Python.
+// Header-only and device-agnostic (ATen/c10 only).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,6 +12,7 @@
 #include <c10/util/Exception.h>
 
 #include <cctype>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -18,8 +21,8 @@
 namespace swm_fused::validate {
 
 // What a list may hold: Written lists need a kernel dtype (fp32/fp64/bf16/fp16), Read lists any
-// floating dtype, and AnyDtype lists anything (any_nonfinite skips tensors that cannot hold NaN).
-enum class Role { Written, Read, AnyDtype };
+// floating dtype.
+enum class Role { Written, Read };
 
 struct NamedList {
   std::string name;
@@ -79,7 +82,7 @@ inline void check_lists(const std::vector<NamedList>& lists) {
       const at::ScalarType dtype = t.scalar_type();
       TORCH_CHECK_TYPE(list.role != Role::Written || is_kernel_dtype(dtype), list.name, "[", i, "] has dtype ",
                        python_dtype(dtype), "; averages and outputs must be float32, float64, bfloat16 or float16");
-      TORCH_CHECK_TYPE(list.role == Role::AnyDtype || at::isFloatingType(dtype), list.name, "[", i,
+      TORCH_CHECK_TYPE(at::isFloatingType(dtype), list.name, "[", i,
                        "] has dtype ", python_dtype(dtype), "; sources must be floating point");
       const at::IntArrayRef reference_shape = first.tensors[i].sizes();
       TORCH_CHECK_VALUE(t.sizes() == reference_shape, "shape mismatch at index ", i, ": ", first.name, "[", i,
@@ -91,16 +94,31 @@ inline void check_lists(const std::vector<NamedList>& lists) {
   }
 }
 
-inline void lerp_lists(at::TensorList avg, at::TensorList src) {
+// A one-element tensor argument (found_inf, weight_tensor) on the device of `tensors`.
+inline void check_scalar_tensor(const char* name, const std::optional<at::Tensor>& t, at::TensorList tensors) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->numel() == 1, name, " must hold exactly one element, got shape ", python_shape(t->sizes()));
+  if (tensors.empty()) return;
+  TORCH_CHECK_VALUE(t->device() == tensors[0].device(), name, " is on ", t->device().str(),
+                    " but the tensors are on ", tensors[0].device().str());
+}
+
+inline void lerp_args(at::TensorList avg, at::TensorList src, const std::optional<at::Tensor>& weight_tensor,
+                      const std::optional<at::Tensor>& found_inf) {
+  check_scalar_tensor("found_inf", found_inf, avg);
+  check_scalar_tensor("weight_tensor", weight_tensor, avg);
   check_lists({{"avg", avg, Role::Written}, {"src", src, Role::Read}});
 }
 
-inline void swag_lists(at::TensorList mean, at::TensorList sq_mean, at::TensorList src) {
+inline void swag_args(at::TensorList mean, at::TensorList sq_mean, at::TensorList src,
+                      const std::optional<at::Tensor>& weight_tensor, const std::optional<at::Tensor>& found_inf) {
+  check_scalar_tensor("found_inf", found_inf, mean);
+  check_scalar_tensor("weight_tensor", weight_tensor, mean);
   check_lists({{"mean", mean, Role::Written}, {"sq_mean", sq_mean, Role::Written}, {"src", src, Role::Read}});
 }
 
 // `inputs` holds the K input lists back to back (k-major: inputs[k * N + i]), K = n_weights.
-inline void merge_lists(at::TensorList out, at::TensorList inputs, size_t n_weights) {
+inline void merge_args(at::TensorList out, at::TensorList inputs, size_t n_weights) {
   TORCH_CHECK_VALUE(n_weights >= 1, "weights is empty; give at least one input list");
   const size_t n = out.size();
   TORCH_CHECK_VALUE(inputs.size() == n_weights * n, "inputs has ", inputs.size(), " tensors but ", n_weights,
@@ -113,6 +131,23 @@ inline void merge_lists(at::TensorList out, at::TensorList inputs, size_t n_weig
   check_lists(lists);
 }
 
-inline void any_nonfinite_list(at::TensorList tensors) { check_lists({{"tensors", tensors, Role::AnyDtype}}); }
+// `avgs` holds K = n_weights lists back to back (k-major: avgs[k * N + i]), N = src.size().
+inline void lerp_multi_args(at::TensorList avgs, at::TensorList src, size_t n_weights,
+                            const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK_VALUE(n_weights >= 1, "weights is empty; give at least one profile");
+  const size_t n = src.size();
+  TORCH_CHECK_VALUE(avgs.size() == n_weights * n, "avgs has ", avgs.size(), " tensors but ", n_weights,
+                    " weights and ", n, " sources need ", n_weights * n, " (k-major: avgs[k * ", n, " + i])");
+  check_scalar_tensor("found_inf", found_inf, avgs);
+  std::vector<NamedList> lists;
+  lists.reserve(n_weights + 1);
+  for (size_t k = 0; k < n_weights; ++k)
+    lists.push_back({"avgs[" + std::to_string(k) + "]", avgs.slice(k * n, n), Role::Written});
+  lists.push_back({"src", src, Role::Read});
+  check_lists(lists);
+}
+
+// Only floating tensors reach any_nonfinite: swm_fused/ops.py leaves out the others, which cannot hold NaN.
+inline void any_nonfinite_args(at::TensorList tensors) { check_lists({{"tensors", tensors, Role::Read}}); }
 
 }  // namespace swm_fused::validate

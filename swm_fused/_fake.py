@@ -30,6 +30,11 @@ def _merge_fake(out: List[Tensor], inputs: List[Tensor], weights: List[float]) -
     return None
 
 
+@torch.library.register_fake("swm_fused::lerp_multi_")
+def _lerp_multi_fake(avgs: List[Tensor], src: List[Tensor], weights: List[float], found_inf: Optional[Tensor]) -> None:
+    return None
+
+
 @torch.library.register_fake("swm_fused::any_nonfinite")
 def _any_nonfinite_fake(tensors: List[Tensor]) -> Tensor:
     return tensors[0].new_empty((), dtype=torch.float32)

@@ -20,7 +20,7 @@ def self_check() -> list:
     shapes = [(4097,), (7, 3), (1,)]
     rows = []
     for name in dispatch.available_backends():
-        if name == "reference" or not dispatch._probe(name)[0].supports(torch.device("cpu")):
+        if name == "reference" or not dispatch.get_backend(name).supports(torch.device("cpu")):
             continue
         for op in ("ema_", "swa_", "swag_", "merge_"):
             results = []

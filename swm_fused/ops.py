@@ -1,23 +1,23 @@
-"""The functional ops contract: validate every argument, then dispatch.
+"""The functional ops: turn the arguments into tensor lists and numbers, then run the backend's kernels.
 
-All ops work in place on lists of tensors paired by position (a single tensor or
-a :class:`~swm_fused.FlatBuffer` may stand in for a list). Nothing is written
-until every check has passed, so a bad call leaves all tensors unchanged.
+All ops work in place on lists of tensors paired by position (a single tensor or a
+:class:`~swm_fused.FlatBuffer` may stand in for a list). Nothing is written until every
+check has passed, so a bad call leaves all tensors unchanged.
 
-The per-tensor checks (dtypes, shapes, devices) cost about as much as a fused
-kernel on thousands of small tensors, so a backend module that declares
-``VALIDATES_LISTS = True`` runs them itself, in the same order and with the same
-messages as :func:`_check_lists` minus the op's name, which :func:`_call` adds.
-Everything else (list lengths, numbers, flags, FlatBuffer layouts) is checked
-here for every backend, before any per-tensor check.
+Who checks what (each rule in one place, the same for every backend; docs/design.md):
+- here: argument types (a Tensor, a list of Tensors or a FlatBuffer), the numbers
+  (decay, n_averaged, weights) and, for merges, that each of the K input lists has as
+  many tensors as ``out`` (their k-major flattening needs it);
+- csrc/validate.h: everything about the tensors (list lengths, dtypes, shapes, devices,
+  the one-element ``found_inf``), run in front of every backend's kernels.
+The message of a failed tensor check gets the op's name prefixed here.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import numbers
-from types import ModuleType
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -41,90 +41,7 @@ def _as_list(op: str, name: str, value: TensorList) -> List[Tensor]:
     if not all(map(isinstance, value, itertools.repeat(Tensor))):  # C-speed scan; find the culprit below
         i, t = next((i, t) for i, t in enumerate(value) if not isinstance(t, Tensor))
         raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a Tensor")
-    return list(value)
-
-
-def _check_lengths(op: str, named: Sequence[Tuple[str, Sequence[Tensor]]]) -> None:
-    first_name, first = named[0]
-    for name, tensors in named[1:]:
-        if len(tensors) != len(first):
-            raise ValueError(f"{op}: {first_name} has {len(first)} tensors but {name} has {len(tensors)}")
-
-
-def _check_lists(op: str, named: Sequence[Tuple[str, Sequence[Tensor]]], written: Sequence[str], *,
-                 any_dtype: bool = False, indices: Optional[Sequence[int]] = None) -> None:
-    """Check lengths, then list by list and position by position: dtype, shape, device.
-
-    Written lists need float32/float64/bfloat16/float16, the others a floating dtype
-    (``any_dtype`` lifts both); shapes and the device must match the first list's.
-    ``indices[j]`` is the index that position j reports (default j). csrc/validate.h
-    is the C++ twin of this function: keep the two in step.
-    """
-    _check_lengths(op, named)
-    first_name, first = named[0]
-    if not first:
-        return
-    device = first[0].device
-    for name, tensors in named:
-        for j, t in enumerate(tensors):
-            i = j if indices is None else indices[j]
-            if not any_dtype and name in written and t.dtype not in AVERAGE_DTYPES:
-                raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}; averages and outputs must be "
-                                "float32, float64, bfloat16 or float16")
-            if not any_dtype and not t.is_floating_point():
-                raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}; sources must be floating point")
-            if t.shape != first[j].shape:
-                raise ValueError(f"{op}: shape mismatch at index {i}: {first_name}[{i}] has shape "
-                                 f"{tuple(first[j].shape)} but {name}[{i}] has shape {tuple(t.shape)}")
-            if t.device != device:
-                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but {first_name}[0] is on {device}; "
-                                 "all tensors must be on one device")
-
-
-def _checked_backend(op: str, named: Sequence[Tuple[str, TensorList, List[Tensor]]], written: Sequence[str],
-                     device: torch.device, *, any_dtype: bool = False) -> Tuple[ModuleType, List[List[Tensor]]]:
-    """The backend for ``device`` and the lists to hand it, with every per-tensor check done.
-
-    ``named`` holds (name, argument, its tensors), lengths already checked. When every
-    argument is a FlatBuffer of one layout, the storages stand in for the views: they are
-    checked here (a few tensors), each reporting the index of its first view. Otherwise the
-    tensors are checked here unless the backend checks them itself.
-    """
-    backend = dispatch.select(device)
-    storages = _flat_storages([arg for _, arg, _ in named])
-    if storages is not None:
-        group_of = named[0][1].group_of
-        first_views = [group_of.index(g) for g in range(len(storages[0]))]
-        _check_lists(op, [(name, s) for (name, _, _), s in zip(named, storages)], written,
-                     any_dtype=any_dtype, indices=first_views)
-        return backend, storages
-    lists = [tensors for _, _, tensors in named]
-    if not getattr(backend, "VALIDATES_LISTS", False):
-        _check_lists(op, [(name, tensors) for name, _, tensors in named], written, any_dtype=any_dtype)
-    return backend, lists
-
-
-def _call(op: str, backend: ModuleType, primitive: str, *args: Any) -> Any:
-    """``backend.primitive(*args)`` without autograd; a self-validating backend's message gets ``op: ``."""
-    try:
-        with torch.no_grad():
-            return getattr(backend, primitive)(*args)
-    except (ValueError, TypeError) as exc:
-        if not getattr(backend, "VALIDATES_LISTS", False):
-            raise
-        raise type(exc)(f"{op}: {exc}") from None
-
-
-def _check_found_inf(op: str, found_inf: Optional[Tensor], device: Optional[torch.device]) -> Optional[Tensor]:
-    if found_inf is None:
-        return None
-    if not isinstance(found_inf, Tensor):
-        raise TypeError(f"{op}: found_inf must be a Tensor or None, got {type(found_inf).__name__}")
-    if found_inf.numel() != 1:
-        raise ValueError(f"{op}: found_inf must hold exactly one element, got shape {tuple(found_inf.shape)}")
-    if device is not None and found_inf.device != device:
-        raise ValueError(f"{op}: found_inf is on {found_inf.device} but the tensors are on {device}")
-    return found_inf.reshape(()).to(torch.float32)
+    return value if isinstance(value, list) else list(value)
 
 
 def _check_number(op: str, name: str, value) -> float:
@@ -136,14 +53,16 @@ def _check_number(op: str, name: str, value) -> float:
     return value
 
 
-def _flat_storages(lists: Sequence[TensorList]) -> Optional[List[List[Tensor]]]:
-    """When every list is a FlatBuffer with one layout, their storages, paired; else None."""
-    if not all(isinstance(x, FlatBuffer) for x in lists):
-        return None
-    keys = {x.layout_key() for x in lists}
-    if len(keys) != 1:
-        return None
-    return [x.storages for x in lists]
+def _check_decay(op: str, decay) -> float:
+    decay = _check_number(op, "decay", decay)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{op}: decay must be in [0, 1], got {decay}")
+    return decay
+
+
+def _check_flag_type(op: str, found_inf: Optional[Tensor]) -> None:
+    if found_inf is not None and not isinstance(found_inf, Tensor):
+        raise TypeError(f"{op}: found_inf must be a Tensor or None, got {type(found_inf).__name__}")
 
 
 def _swa_weight(op: str, n_averaged, device: Optional[torch.device]) -> Tuple[float, Optional[Tensor]]:
@@ -161,9 +80,75 @@ def _swa_weight(op: str, n_averaged, device: Optional[torch.device]) -> Tuple[fl
     return 1.0 / (int(n_averaged) + 1), None
 
 
-def _first_device(tensors: List[Tensor]) -> Optional[torch.device]:
-    """The device of the first tensor, which picks the backend; None for an empty list."""
-    return tensors[0].device if tensors else None
+def _flat_storages(args: Sequence[TensorList]) -> Optional[List[List[Tensor]]]:
+    """When every argument is a FlatBuffer with one layout, their storages, paired; else None."""
+    if not all(isinstance(x, FlatBuffer) for x in args):
+        return None
+    if len({x.layout_key() for x in args}) != 1:
+        return None
+    return [x.storages for x in args]
+
+
+def _run(op: str, primitive: str, lists: List[List[Tensor]], args: Sequence[TensorList], check: Callable,
+         rest: Tuple = (), check_rest: Tuple = (), pack: Callable = tuple) -> Any:
+    """Run ``primitive(*pack(lists), *rest)`` on the backend for the tensors' device (``pack`` groups
+    lists that go as one argument, such as a merge's K inputs).
+
+    FlatBuffers of one layout hand their storages over instead of their views: one kernel
+    per storage. The backend validates first (csrc/validate.h); a failed check raises with
+    ``op: `` prefixed, and when storages stood in for views, the views are checked again so
+    the message names a view index, as it would for a list.
+    """
+    storages = _flat_storages(args)
+    operands = lists if storages is None else storages
+    backend = dispatch.select(operands[0][0].device)
+    try:
+        with torch.no_grad():
+            return getattr(backend.kernels, primitive)(*pack(operands), *rest)
+    except (ValueError, TypeError) as exc:
+        if storages is not None:
+            try:
+                check(*lists, *check_rest)
+            except (ValueError, TypeError) as view_exc:
+                exc = view_exc
+        raise type(exc)(f"{op}: {exc}") from None
+
+
+def _validator() -> Any:
+    """``torch.ops.swm_fused``, whose check_* ops run csrc/validate.h; RuntimeError without the extension."""
+    dispatch.get_backend("reference")  # loads swm_fused._C, or says why it cannot
+    return torch.ops.swm_fused
+
+
+def _prefixed(op: str, check: str, *args: Any) -> None:
+    """Run the check op named ``check`` alone (lists with nothing to do), prefixing ``op: `` to its message."""
+    try:
+        getattr(_validator(), check)(*args)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{op}: {exc}") from None
+
+
+def _check_lerp(avgs: List[Tensor], srcs: List[Tensor], weight_tensor: Optional[Tensor],
+                found_inf: Optional[Tensor]) -> None:
+    _validator().check_lerp_(avgs, srcs, weight_tensor, found_inf)
+
+
+def _check_swag(means: List[Tensor], sq_means: List[Tensor], srcs: List[Tensor], weight_tensor: Optional[Tensor],
+                found_inf: Optional[Tensor]) -> None:
+    _validator().check_swag_(means, sq_means, srcs, weight_tensor, found_inf)
+
+
+def _check_merge(outs: List[Tensor], *input_lists: List[Tensor]) -> None:
+    _validator().check_merge_(outs, [t for x in input_lists for t in x], len(input_lists))
+
+
+def _check_lerp_multi(*lists: List[Tensor], found_inf: Optional[Tensor] = None) -> None:
+    """lists = K average lists then the source list."""
+    _validator().check_lerp_multi_([t for x in lists[:-1] for t in x], lists[-1], len(lists) - 1, found_inf)
+
+
+def _check_any_nonfinite(tensors: List[Tensor]) -> None:
+    _validator().check_any_nonfinite(tensors)
 
 
 def ema_(avg: TensorList, src: TensorList, decay: float, *, found_inf: Optional[Tensor] = None) -> None:
@@ -175,16 +160,12 @@ def ema_(avg: TensorList, src: TensorList, decay: float, *, found_inf: Optional[
     non-zero, nothing changes; it is read on the device, never synchronised.
     """
     avgs, srcs = _as_list("ema_", "avg", avg), _as_list("ema_", "src", src)
-    _check_lengths("ema_", [("avg", avgs), ("src", srcs)])
-    decay = _check_number("ema_", "decay", decay)
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"ema_: decay must be in [0, 1], got {decay}")
-    device = _first_device(avgs)
-    found_inf = _check_found_inf("ema_", found_inf, device)
-    if device is None:
-        return
-    backend, (avgs, srcs) = _checked_backend("ema_", [("avg", avg, avgs), ("src", src, srcs)], ("avg",), device)
-    _call("ema_", backend, "lerp_", avgs, srcs, 1.0 - decay, None, found_inf)
+    decay = _check_decay("ema_", decay)
+    _check_flag_type("ema_", found_inf)
+    if not avgs:  # nothing to do, but unequal lengths are still an error
+        return _prefixed("ema_", "check_lerp_", avgs, srcs, None, found_inf)
+    _run("ema_", "lerp_", [avgs, srcs], [avg, src], _check_lerp,
+         (1.0 - decay, None, found_inf), (None, found_inf))
 
 
 def swa_(avg: TensorList, src: TensorList, n_averaged: Union[int, Tensor], *,
@@ -193,17 +174,15 @@ def swa_(avg: TensorList, src: TensorList, n_averaged: Union[int, Tensor], *,
 
     ``n_averaged`` counts the models already in ``avg``: 0 makes this a copy. It may
     be an int or a one-element tensor on the average's device (no host sync).
-    Computed as ``lerp(avg, src, 1 / (n_averaged + 1))``, like torch's SWA.
+    Computed as ``lerp(avg, src, 1 / (n_averaged + 1))``.
     """
     avgs, srcs = _as_list("swa_", "avg", avg), _as_list("swa_", "src", src)
-    _check_lengths("swa_", [("avg", avgs), ("src", srcs)])
-    device = _first_device(avgs)
-    weight, weight_tensor = _swa_weight("swa_", n_averaged, device)
-    found_inf = _check_found_inf("swa_", found_inf, device)
-    if device is None:
-        return
-    backend, (avgs, srcs) = _checked_backend("swa_", [("avg", avg, avgs), ("src", src, srcs)], ("avg",), device)
-    _call("swa_", backend, "lerp_", avgs, srcs, weight, weight_tensor, found_inf)
+    weight, weight_tensor = _swa_weight("swa_", n_averaged, avgs[0].device if avgs else None)
+    _check_flag_type("swa_", found_inf)
+    if not avgs:
+        return _prefixed("swa_", "check_lerp_", avgs, srcs, None, found_inf)
+    _run("swa_", "lerp_", [avgs, srcs], [avg, src], _check_lerp,
+         (weight, weight_tensor, found_inf), (weight_tensor, found_inf))
 
 
 def swag_(mean: TensorList, sq_mean: TensorList, src: TensorList, n_averaged: Union[int, Tensor], *,
@@ -216,15 +195,12 @@ def swag_(mean: TensorList, sq_mean: TensorList, src: TensorList, n_averaged: Un
     means = _as_list("swag_", "mean", mean)
     sq_means = _as_list("swag_", "sq_mean", sq_mean)
     srcs = _as_list("swag_", "src", src)
-    _check_lengths("swag_", [("mean", means), ("sq_mean", sq_means), ("src", srcs)])
-    device = _first_device(means)
-    weight, weight_tensor = _swa_weight("swag_", n_averaged, device)
-    found_inf = _check_found_inf("swag_", found_inf, device)
-    if device is None:
-        return
-    named = [("mean", mean, means), ("sq_mean", sq_mean, sq_means), ("src", src, srcs)]
-    backend, (means, sq_means, srcs) = _checked_backend("swag_", named, ("mean", "sq_mean"), device)
-    _call("swag_", backend, "swag_", means, sq_means, srcs, weight, weight_tensor, found_inf)
+    weight, weight_tensor = _swa_weight("swag_", n_averaged, means[0].device if means else None)
+    _check_flag_type("swag_", found_inf)
+    if not means:
+        return _prefixed("swag_", "check_swag_", means, sq_means, srcs, None, found_inf)
+    _run("swag_", "swag_", [means, sq_means, srcs], [mean, sq_mean, src], _check_swag,
+         (weight, weight_tensor, found_inf), (weight_tensor, found_inf))
 
 
 def merge_(out: TensorList, inputs: Sequence[TensorList], weights: Union[Sequence[float], Tensor]) -> None:
@@ -232,7 +208,8 @@ def merge_(out: TensorList, inputs: Sequence[TensorList], weights: Union[Sequenc
 
     ``inputs`` is a sequence of K tensor lists, each paired with ``out`` by position.
     ``out`` may be one of the inputs (the merge then runs in place). Accumulates in
-    float32 (float64 for float64 outputs) and rounds once at the store.
+    float32 (float64 for float64 outputs) and rounds once at the store. ``weights``
+    are numbers or a CPU tensor (reading a device tensor would synchronise).
     """
     outs = _as_list("merge_", "out", out)
     if isinstance(inputs, (Tensor, FlatBuffer)) or not isinstance(inputs, (list, tuple)):
@@ -241,35 +218,159 @@ def merge_(out: TensorList, inputs: Sequence[TensorList], weights: Union[Sequenc
         raise ValueError("merge_: inputs is empty; give at least one model")
     input_lists = [_as_list("merge_", f"inputs[{k}]", x) for k, x in enumerate(inputs)]
     if isinstance(weights, Tensor):
-        weights = weights.detach().cpu().reshape(-1).tolist()
+        if weights.device.type != "cpu":
+            raise ValueError(f"merge_: weights must be numbers or a CPU tensor, got a tensor on {weights.device} "
+                             "(reading it would synchronise with the host)")
+        weights = weights.detach().reshape(-1).tolist()
     if not isinstance(weights, (list, tuple)):
         raise TypeError(f"merge_: weights must be a sequence of numbers, got {type(weights).__name__}")
     if len(weights) != len(input_lists):
         raise ValueError(f"merge_: got {len(weights)} weights for {len(input_lists)} input lists")
     weights = [_check_number("merge_", f"weights[{k}]", w) for k, w in enumerate(weights)]
-    named = [("out", out, outs)] + [(f"inputs[{k}]", x, xs) for k, (x, xs) in enumerate(zip(inputs, input_lists))]
-    _check_lengths("merge_", [(name, tensors) for name, _, tensors in named])
-    device = _first_device(outs)
-    if device is None:
+    for k, xs in enumerate(input_lists):
+        if len(xs) != len(outs):
+            raise ValueError(f"merge_: out has {len(outs)} tensors but inputs[{k}] has {len(xs)}")
+    if not outs:
         return
-    backend, (outs, *input_lists) = _checked_backend("merge_", named, ("out",), device)
-    _call("merge_", backend, "merge_", outs, input_lists, weights)
+    _run("merge_", "merge_", [outs, *input_lists], [out, *inputs], _check_merge, (weights,),
+         pack=lambda lists: (lists[0], lists[1:]))
+
+
+def ema_multi_(avgs: Sequence[TensorList], src: TensorList, weights: Sequence[float], *,
+               found_inf: Optional[Tensor] = None) -> None:
+    """K exponential moving averages of one source in one pass: ``avgs[k] = lerp(avgs[k], src, weights[k])``.
+
+    ``weights[k]`` in [0, 1] is the source's weight in profile k (``1 - decay_k``); each profile
+    computes exactly as ``ema_(avgs[k], src, 1 - weights[k])`` would, but the source is read once:
+    (source + 8K) bytes per element for K fp32 profiles instead of K x (source + 8). ``avgs`` is
+    K tensor lists (or K FlatBuffers of the source's layout), each paired with ``src`` by position.
+    If ``found_inf`` is non-zero nothing changes.
+    """
+    srcs = _as_list("ema_multi_", "src", src)
+    if isinstance(avgs, (Tensor, FlatBuffer)) or not isinstance(avgs, (list, tuple)):
+        raise TypeError("ema_multi_: avgs must be a list of K tensor lists (one per profile)")
+    if len(avgs) == 0:
+        raise ValueError("ema_multi_: avgs is empty; give at least one profile")
+    avg_lists = [_as_list("ema_multi_", f"avgs[{k}]", x) for k, x in enumerate(avgs)]
+    if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"ema_multi_: weights must be a sequence of numbers, got {type(weights).__name__}")
+    if len(weights) != len(avg_lists):
+        raise ValueError(f"ema_multi_: got {len(weights)} weights for {len(avg_lists)} average lists")
+    weights = [_check_number("ema_multi_", f"weights[{k}]", w) for k, w in enumerate(weights)]
+    for k, w in enumerate(weights):
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"ema_multi_: weights[{k}] must be in [0, 1], got {w}")
+    _check_flag_type("ema_multi_", found_inf)
+    for k, xs in enumerate(avg_lists):
+        if len(xs) != len(srcs):
+            raise ValueError(f"ema_multi_: src has {len(srcs)} tensors but avgs[{k}] has {len(xs)}")
+    if not srcs:
+        return
+    _run("ema_multi_", "lerp_multi_", [*avg_lists, srcs], [*avgs, src],
+         lambda *lists: _check_lerp_multi(*lists, found_inf=found_inf), (weights, found_inf),
+         pack=lambda lists: (lists[:-1], lists[-1]))
 
 
 def any_nonfinite(tensors: TensorList) -> Tensor:
     """A 0-dim float32 tensor on the tensors' device: 1.0 if any element is NaN or Inf, else 0.0.
 
-    Tensors of other dtypes cannot hold NaN/Inf and are skipped, but all must share one
-    device. Never synchronises with the host; pass the result as ``found_inf`` to skip a step.
+    Tensors that are not floating point cannot hold NaN/Inf and are left out (they are
+    not checked either), so a whole ``state_dict`` can be passed. Never synchronises with
+    the host; pass the result as ``found_inf`` to skip a step.
     """
     tensor_list = _as_list("any_nonfinite", "tensors", tensors)
-    device = _first_device(tensor_list)
-    if device is None:
-        return torch.zeros((), dtype=torch.float32)
-    backend, (tensor_list,) = _checked_backend("any_nonfinite", [("tensors", tensors, tensor_list)], (), device,
-                                         any_dtype=True)
-    if not getattr(backend, "VALIDATES_LISTS", False):  # such backends skip the other dtypes themselves
-        tensor_list = [t for t in tensor_list if t.is_floating_point()]
-        if not tensor_list:
-            return torch.zeros((), dtype=torch.float32, device=device)
-    return _call("any_nonfinite", backend, "any_nonfinite", tensor_list)
+    if isinstance(tensors, FlatBuffer) and tensor_list:  # one storage per dtype: whole groups at once
+        if all(s.is_floating_point() for s in tensors.storages):
+            return _run("any_nonfinite", "any_nonfinite", [tensor_list], [tensors],
+                        _check_any_nonfinite)
+    floating = [t for t in tensor_list if t.is_floating_point()]
+    if not floating:
+        device = tensor_list[0].device if tensor_list else torch.device("cpu")
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return _run("any_nonfinite", "any_nonfinite", [floating], [floating], _check_any_nonfinite)
+
+
+class BoundLists:
+    """Tensor lists bound once, for ops repeated every step with no per-tensor cost in Python.
+
+    ``BoundLists(avg, src)`` serves :meth:`ema_` and :meth:`swa_`; ``BoundLists(mean, sq_mean, src)``
+    serves :meth:`swag_`; :meth:`any_nonfinite` checks one of the lists. With the compiled backend
+    (cpp on CPU, cuda on CUDA) the lists cross into C++ once, at the first call, and each call then
+    costs a few microseconds whatever the number of tensors; other backends run the plain ops.
+    Every call is validated exactly like the plain op (csrc/validate.h), with the same errors. The
+    binding holds the tensors themselves: after replacing one (``module.weight = ...``), bind again.
+    Not for use inside ``torch.compile``d code (use the plain ops there).
+    """
+
+    def __init__(self, *lists: TensorList):
+        if not lists:
+            raise ValueError("BoundLists: give at least one tensor list")
+        storages = _flat_storages(lists)
+        self._lists = storages if storages is not None else [
+            list(_as_list("BoundLists", f"lists[{k}]", x)) for k, x in enumerate(lists)]
+        for k, xs in enumerate(self._lists[1:], 1):
+            if len(xs) != len(self._lists[0]):
+                raise ValueError(f"BoundLists: lists[0] has {len(self._lists[0])} tensors but lists[{k}] has {len(xs)}")
+        self._has_floating = [any(t.is_floating_point() for t in xs) for xs in self._lists]
+        self._handles: dict = {}  # (backend, list indices, floating only) -> torch.classes.swm_fused.BoundLists
+
+    def __len__(self) -> int:
+        return len(self._lists[0])
+
+    def _compiled(self, indices: Tuple[int, ...], floating_only: bool = False):
+        """The C++ binding of lists ``indices`` when the compiled backend runs them, else None."""
+        device = self._lists[0][0].device
+        backend = dispatch.select(device)
+        if backend.name not in ("cpp", "cuda"):
+            return None
+        key = (backend.name, indices, floating_only)
+        if key not in self._handles:
+            lists = [[t for t in self._lists[k] if t.is_floating_point() or not floating_only] for k in indices]
+            self._handles[key] = torch.classes.swm_fused.BoundLists([t for x in lists for t in x], len(lists))
+        return self._handles[key]
+
+    def _call(self, op: str, method: str, indices: Tuple[int, ...], *args: Any) -> Any:
+        handle = self._compiled(indices, floating_only=method == "any_nonfinite")
+        try:
+            with torch.no_grad():
+                return getattr(handle, method)(*args)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{op}: {exc}") from None
+
+    def _need(self, op: str, count: int) -> None:
+        if len(self._lists) != count:
+            raise ValueError(f"{op}: needs {count} bound lists, this binding has {len(self._lists)}")
+
+    def ema_(self, decay: float, *, found_inf: Optional[Tensor] = None) -> None:
+        """:func:`ema_` on the bound (avg, src)."""
+        self._need("ema_", 2)
+        decay = _check_decay("ema_", decay)
+        _check_flag_type("ema_", found_inf)
+        if not len(self) or self._compiled((0, 1)) is None:
+            return ema_(*self._lists, decay, found_inf=found_inf)
+        self._call("ema_", "lerp_", (0, 1), 1.0 - decay, None, found_inf)
+
+    def swa_(self, n_averaged: Union[int, Tensor], *, found_inf: Optional[Tensor] = None) -> None:
+        """:func:`swa_` on the bound (avg, src)."""
+        self._need("swa_", 2)
+        if not len(self) or self._compiled((0, 1)) is None:
+            return swa_(*self._lists, n_averaged, found_inf=found_inf)
+        weight, weight_tensor = _swa_weight("swa_", n_averaged, self._lists[0][0].device)
+        _check_flag_type("swa_", found_inf)
+        self._call("swa_", "lerp_", (0, 1), weight, weight_tensor, found_inf)
+
+    def swag_(self, n_averaged: Union[int, Tensor], *, found_inf: Optional[Tensor] = None) -> None:
+        """:func:`swag_` on the bound (mean, sq_mean, src)."""
+        self._need("swag_", 3)
+        if not len(self) or self._compiled((0, 1, 2)) is None:
+            return swag_(*self._lists, n_averaged, found_inf=found_inf)
+        weight, weight_tensor = _swa_weight("swag_", n_averaged, self._lists[0][0].device)
+        _check_flag_type("swag_", found_inf)
+        self._call("swag_", "swag_", (0, 1, 2), weight, weight_tensor, found_inf)
+
+    def any_nonfinite(self, index: int = -1) -> Tensor:
+        """:func:`any_nonfinite` of bound list ``index`` (default: the last, the source)."""
+        index = range(len(self._lists))[index]
+        if not self._has_floating[index] or self._compiled((index,), floating_only=True) is None:
+            return any_nonfinite(self._lists[index])
+        return self._call("any_nonfinite", "any_nonfinite", (index,), 0)

@@ -59,7 +59,7 @@ def assert_close(actual: Tensor, expected: Tensor, atol: float, rtol: float, wha
 def cpu_backends() -> List[str]:
     """Backends that run on CPU tensors in this install (Triton through its interpreter)."""
     return [name for name in swm_fused.available_backends()
-            if dispatch._probe(name)[0].supports(torch.device("cpu"))]
+            if dispatch.get_backend(name).supports(torch.device("cpu"))]
 
 
 def random_tensor(shape, dtype: torch.dtype, scale: float = 1.0) -> Tensor:

@@ -502,7 +502,7 @@ def test_averager_itself_allocates_no_parameter_sized_temporaries(mode, monkeypa
         lerp_=lambda avgs, srcs, w, w_tensor, found_inf: torch._foreach_lerp_(
             list(avgs), list(srcs), w if w_tensor is None else w_tensor.float()),
         any_nonfinite=lambda tensors: torch.zeros(()))
-    monkeypatch.setattr(swm_fused.dispatch, "select", lambda device: in_place)
+    monkeypatch.setattr(swm_fused.dispatch, "select", lambda device: types.SimpleNamespace(kernels=in_place))
     model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(3)])
     avg = WeightAverager(model, mode=mode, decay=0.9)
     avg.update()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import swm_fused
+from swm_fused import dispatch
 from _helpers import bits, random_tensor
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile is unavailable")
@@ -13,12 +14,15 @@ def all_ops(avg, sq, src, found_inf):
     swm_fused.swa_(avg, src, 3)
     swm_fused.swag_(avg, sq, src, 2, found_inf=found_inf)
     swm_fused.merge_(sq, [avg, src, sq], [0.5, -0.25, 0.75])
+    swm_fused.ema_multi_([avg, sq], src, [0.25, 0.125], found_inf=found_inf)
     return swm_fused.any_nonfinite(avg + sq)
 
 
 @pytest.mark.parametrize("skip_step", [False, True])
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 def test_public_ops_compile_with_fullgraph_and_match_eager(monkeypatch, backend, skip_step):
+    if backend != "auto" and dispatch.backend_status()[backend]:
+        pytest.skip(f"{backend}: {dispatch.backend_status()[backend]}")
     if backend != "auto":
         monkeypatch.setenv("SWM_FUSED_BACKEND", backend)  # under compile only the environment variable counts
     torch._dynamo.reset()

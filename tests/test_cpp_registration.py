@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from swm_fused.backends import cpp
+from swm_fused import dispatch
 from _helpers import FLOAT_DTYPES, random_tensor
 
-if cpp.unavailable_reason():
-    pytest.skip(f"cpp backend unavailable: {cpp.unavailable_reason()}", allow_module_level=True)
+if dispatch.backend_status()["cpp"]:
+    pytest.skip(f"cpp backend unavailable: {dispatch.backend_status()['cpp']}", allow_module_level=True)
 
 OPS = torch.ops.swm_fused
 SHAPES = [(3, 5), (7,), (), (0,), (33, 2)]
@@ -37,7 +37,7 @@ def _clones(tensors: List[Tensor]) -> List[Tensor]:
     return [t.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("ops", ["lerp_", "swag_", "merge_", "any_nonfinite"])
+@pytest.mark.parametrize("ops", ["lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite"])
 def test_every_op_has_a_cpu_kernel(ops):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::{ops}", "CPU")
 
@@ -55,6 +55,15 @@ def test_opcheck_swag(flags):
     weight = torch.rand(()).item()
     sq_means = [t.abs() for t in _mixed(2)]
     torch.library.opcheck(OPS.swag_.default, (_mixed(0), sq_means, _mixed(3), weight, weight_tensor, found_inf))
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
+@pytest.mark.parametrize("k", [1, 3])
+def test_opcheck_lerp_multi(k, found_inf):
+    avgs = [t for j in range(k) for t in _mixed(j)]  # k-major
+    weights = torch.rand(k, dtype=torch.float64).tolist()
+    flag = None if found_inf is None else torch.tensor(found_inf)
+    torch.library.opcheck(OPS.lerp_multi_.default, (avgs, _mixed(2), weights, flag))
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -102,9 +111,11 @@ def test_compiled_fullgraph_matches_eager(flag):
                 and torch.equal(c.isnan(), e.isnan()), f"{name}[{i}] differs between compiled and eager"
 
 
-def test_extension_validates_lists():
-    """This build checks lists in C++, so swm_fused/ops.py skips its per-tensor Python checks."""
-    assert cpp.VALIDATES_LISTS
+@pytest.mark.parametrize("op", ["lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite"])
+def test_validator_sits_in_front_of_every_kernel_and_has_a_check_op(op):
+    """csrc/checks.cpp: BackendSelect kernels for the compiled path, check_* ops for the Python backends."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::{op}", "BackendSelect")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::check_{op}", "CompositeImplicitAutograd")
 
 
 # Direct calls get the contract's messages without a public op name (swm_fused/ops.py adds it).
@@ -126,6 +137,12 @@ _DIRECT_BAD_CALLS = {
                                                     None), ValueError, "src[4] is on meta but avg[0] is on cpu"),
     "any_nonfinite_device": (lambda avg, src: OPS.any_nonfinite(avg + [torch.empty((), device="meta")]),
                              ValueError, "tensors[5] is on meta but tensors[0] is on cpu"),
+    "any_nonfinite_int": (lambda avg, src: OPS.any_nonfinite(avg + [torch.ones(2, dtype=torch.int64)]),
+                          TypeError, "tensors[5] has dtype torch.int64; sources must be floating point"),
+    "found_inf_shape": (lambda avg, src: OPS.lerp_(avg, src, 0.5, None, torch.zeros(2)), ValueError,
+                        "found_inf must hold exactly one element, got shape (2,)"),
+    "weight_tensor_device": (lambda avg, src: OPS.swag_(avg, avg, src, 0.5, torch.empty((), device="meta"), None),
+                             ValueError, "weight_tensor is on meta but the tensors are on cpu"),
 }
 
 

@@ -107,8 +107,8 @@ def test_mean_state_dict_loads_into_the_model_and_keeps_buffers():
 def test_collect_is_one_swag_pass_over_one_flat_storage():
     model = OddShapes()
     swag = SWAG(model, max_rank=3)
-    backend = dispatch.select(torch.device("cpu"))
-    with mock.patch.object(backend, "swag_", wraps=backend.swag_) as spy:
+    kernels = dispatch.select(torch.device("cpu")).kernels
+    with mock.patch.object(kernels, "swag_", wraps=kernels.swag_) as spy:
         swag.collect()
         swag.collect()
     assert spy.call_count == 2

@@ -20,6 +20,7 @@ from torch import Tensor
 import swm_fused
 from swm_fused import FlatBuffer, use_backend
 from swm_fused.backends import reference
+from _cases import OPS, compare_to_reference, make_case
 from _helpers import BACKEND_TOLERANCES, FLOAT_DTYPES, assert_close, clones
 
 import swm_fused.triton as triton_backend  # noqa: I100  (after conftest.py has set TRITON_INTERPRET)
@@ -156,37 +157,13 @@ def test_group_positions_splits_by_dtype_and_skips_empty():
 # Primitives against the reference, bit for bit
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=_id)
-def test_lerp_matches_reference(pair):
-    avg_dtype, src_dtype = pair
-    for weight, weight_tensor, found_inf in [
-        (0.3, None, None),  # |w| < 0.5 branch of the fma formula
-        (0.0, torch.tensor(0.8, dtype=torch.float64, device=DEVICE), None),  # device weight, other branch
-        (0.1, None, torch.zeros((), device=DEVICE)),
-        (0.9, None, torch.ones((), device=DEVICE)),  # flagged: nothing changes
-    ]:
-        avgs = [rand(n, avg_dtype) for n in SIZES]
-        srcs = [rand(n, src_dtype, scale=3.0) for n in SIZES]
-        expected = clones(avgs)
-        reference.lerp_(expected, srcs, weight, weight_tensor, found_inf)
-        triton_backend.lerp_(avgs, srcs, weight, weight_tensor, found_inf)
-        assert_same(avgs, expected, f"lerp_ w={weight} found_inf={found_inf}")
-
-
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=_id)
-def test_swag_matches_reference(pair):
-    mean_dtype, src_dtype = pair
-    for weight, weight_tensor, found_inf in [
-        (0.25, None, None),
-        (0.0, torch.tensor(1 / 3, dtype=torch.float64, device=DEVICE), torch.zeros((), device=DEVICE)),
-        (0.5, None, torch.full((), float("inf"), device=DEVICE)),
-    ]:
-        means = [rand(n, mean_dtype) for n in SIZES]
-        sq_means = [(m.double() ** 2 + 0.5).to(mean_dtype) for m in means]
-        srcs = [rand(n, src_dtype, scale=2.0) for n in SIZES]
-        expected_means, expected_sq = clones(means), clones(sq_means)
-        reference.swag_(expected_means, expected_sq, srcs, weight, weight_tensor, found_inf)
-        triton_backend.swag_(means, sq_means, srcs, weight, weight_tensor, found_inf)
-        assert_same(means + sq_means, expected_means + expected_sq, f"swag_ w={weight} found_inf={found_inf}")
+@pytest.mark.parametrize("op", OPS)
+def test_bit_for_bit_with_the_reference(op, pair):
+    """The shared cases (tests/_cases.py), with no tolerance: same formula, same roundings."""
+    for found_inf, n_as_tensor in [(None, False), (torch.zeros((), device=DEVICE), True),
+                                   (torch.ones((), device=DEVICE), False)]:
+        case = make_case(op, SIZES, [pair[0]], [pair[1]], device=DEVICE)
+        compare_to_reference(case, "triton", found_inf=found_inf, n_as_tensor=n_as_tensor, exact=EXACT)
 
 
 @pytest.mark.parametrize("pair", [(torch.float32, torch.bfloat16), (torch.float32, torch.float64),
@@ -206,27 +183,10 @@ def test_swag_with_mean_and_sq_mean_of_different_dtypes(pair):
 
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
-def test_merge_matches_reference(k, out_dtype):
-    input_dtypes = [FLOAT_DTYPES[(j + 1) % 4] for j in range(k)]  # a different dtype per model
-    inputs = [[rand(n, d) for n in SIZES] for d in input_dtypes]
-    weights = (torch.rand(k, dtype=torch.float64) * 2 - 1).tolist()
-    weights[0] = -abs(weights[0]) - 0.1  # task arithmetic: a negative weight on the base
-    outs = [torch.full((n,), float("nan"), dtype=out_dtype, device=DEVICE) for n in SIZES]  # poisoned
-    expected = clones(outs)
-    reference.merge_(expected, inputs, weights)
-    triton_backend.merge_(outs, inputs, weights)
-    assert_same(outs, expected, f"merge_ K={k}")
-
-
-@pytest.mark.parametrize("k", [1, 2, 3, 8])
-def test_merge_in_place(k):
-    alias = k // 2
-    inputs = [[rand(n, torch.bfloat16 if j == alias else torch.float32) for n in SIZES] for j in range(k)]
-    weights = (torch.rand(k, dtype=torch.float64) * 2 - 1).tolist()
-    expected = [torch.empty_like(t) for t in inputs[alias]]
-    reference.merge_(expected, inputs, weights)
-    triton_backend.merge_(inputs[alias], inputs, weights)
-    assert_same(inputs[alias], expected, f"in-place merge_ K={k}")
+def test_merge_with_a_different_dtype_per_model(k, out_dtype):
+    case = make_case("merge_", SIZES, [out_dtype], [torch.float32], k=k, device=DEVICE)
+    case["inputs"] = [[t.to(FLOAT_DTYPES[(j + 1) % 4]) for t in x] for j, x in enumerate(case["inputs"])]
+    compare_to_reference(case, "triton", exact=EXACT)
 
 
 def test_merge_handles_many_models_in_one_launch(launches):
@@ -384,8 +344,9 @@ def test_bfloat16_loads_are_exact():
 
 def test_supports_the_device_it_runs_on():
     assert triton_backend.unavailable_reason() == ""
-    assert triton_backend.supports(DEVICE)
-    assert not triton_backend.supports(torch.device("cuda" if DEVICE.type == "cpu" else "cpu"))
+    backend = swm_fused.dispatch.get_backend("triton")
+    assert backend.supports(DEVICE)
+    assert not backend.supports(torch.device("cuda" if DEVICE.type == "cpu" else "cpu"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -1,5 +1,5 @@
 // swm_fused::any_nonfinite on CPU: 1.0 if any element of any tensor is NaN or Inf, else 0.0.
-// Tensors of non-floating dtypes are skipped: they cannot hold NaN or Inf.
+// Every tensor is floating: swm_fused/ops.py leaves out the others, and csrc/validate.h checks.
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
@@ -35,11 +35,7 @@ bool has_nonfinite(const Operand& t, int64_t begin, int64_t n) {
 
 at::Tensor any_nonfinite_cpu(at::TensorList tensors) {
   Staging staging;
-  std::vector<Operand> ops;
-  ops.reserve(tensors.size());
-  for (const at::Tensor& t : tensors) {
-    if (t.is_floating_point()) ops.push_back(staging.read(t, "any_nonfinite"));
-  }
+  const std::vector<Operand> ops = stage_list(staging, tensors, false);
   std::atomic<bool> found{false};
   // Scans in slices so a thread stops soon after any thread found one.
   constexpr int64_t kSlice = 16 * kBlock;

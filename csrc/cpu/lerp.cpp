@@ -1,4 +1,5 @@
-// swm_fused::lerp_ on CPU: avg <- lerp(avg, src, w) over a list of tensors, one pass over memory.
+// swm_fused::lerp_ and lerp_multi_ on CPU: avg <- lerp(avg, src, w) over a list of tensors (for K
+// averages at once in lerp_multi_), one pass over memory.
 #include <torch/library.h>
 
 #include "cpu/multi_tensor.h"
@@ -23,9 +24,8 @@ void lerp_range(const Operand& avg, const Operand& src, int64_t lo, int64_t hi, 
 void lerp_cpu(at::TensorList avg, at::TensorList src, double weight,
               const std::optional<at::Tensor>& weight_tensor, const std::optional<at::Tensor>& found_inf) {
   Staging staging;
-  const std::vector<Operand> avgs = stage_list(staging, avg, true, "lerp_");
-  const std::vector<Operand> srcs = stage_list(staging, src, false, "lerp_");
-  check_numels(avgs, srcs, "lerp_");
+  const std::vector<Operand> avgs = stage_list(staging, avg, true);
+  const std::vector<Operand> srcs = stage_list(staging, src, false);
   if (step_is_skipped(found_inf)) return;
   const double w = weight_tensor.has_value() ? weight_tensor->item<double>() : weight;
   parallel_over_tensors(avgs, 1, [&](size_t i, int64_t lo, int64_t hi) {
@@ -38,8 +38,36 @@ void lerp_cpu(at::TensorList avg, at::TensorList src, double weight,
   staging.write_back();
 }
 
+// avgs is k-major (avgs[k * n + i] pairs with src[i]). Blocks of kBlock elements run through all K
+// averages while the source block is in L1: the source is read from memory once.
+void lerp_multi_cpu(at::TensorList avg, at::TensorList src, at::ArrayRef<double> weights,
+                    const std::optional<at::Tensor>& found_inf) {
+  const size_t n = src.size(), k_total = weights.size();
+  Staging staging;
+  const std::vector<Operand> avgs = stage_list(staging, avg, true);
+  const std::vector<Operand> srcs = stage_list(staging, src, false);
+  if (step_is_skipped(found_inf)) return;
+  parallel_over_tensors(srcs, static_cast<int64_t>(k_total), [&](size_t i, int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; b += kBlock) {
+      const int64_t e = std::min(b + kBlock, hi);
+      for (size_t k = 0; k < k_total; ++k) {
+        const Operand& a = avgs[k * n + i];
+        if (a.dtype == at::kDouble) {
+          lerp_range<double>(a, srcs[i], b, e, weights[k]);
+        } else {
+          lerp_range<float>(a, srcs[i], b, e, weights[k]);
+        }
+      }
+    }
+  });
+  staging.write_back();
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(swm_fused, CPU, m) { m.impl("lerp_", &lerp_cpu); }
+TORCH_LIBRARY_IMPL(swm_fused, CPU, m) {
+  m.impl("lerp_", &lerp_cpu);
+  m.impl("lerp_multi_", &lerp_multi_cpu);
+}
 
 }  // namespace swm_fused::cpu

@@ -64,16 +64,12 @@ void merge_range(const Operand& out, const Operand* inputs, size_t stride, const
   }
 }
 
+// inputs is k-major (inputs[k * n_out + i] pairs with out[i]); validated in csrc/validate.h.
 void merge_cpu(at::TensorList out, at::TensorList inputs, at::ArrayRef<double> weights) {
   const size_t n_out = out.size(), k = weights.size();
-  TORCH_CHECK(k >= 1, "merge_: weights is empty; give at least one input list");
-  TORCH_CHECK(inputs.size() == k * n_out, "merge_: expected ", k, " x ", n_out, " inputs (k-major), got ",
-              inputs.size());
   Staging staging;
-  const std::vector<Operand> outs = stage_list(staging, out, true, "merge_");
-  const std::vector<Operand> ins = stage_list(staging, inputs, false, "merge_");
-  for (size_t j = 0; j < k; ++j)
-    check_numels(outs, std::vector<Operand>(ins.begin() + j * n_out, ins.begin() + (j + 1) * n_out), "merge_");
+  const std::vector<Operand> outs = stage_list(staging, out, true);
+  const std::vector<Operand> ins = stage_list(staging, inputs, false);
   const std::vector<double> weights_double(weights.begin(), weights.end());
   const std::vector<float> weights_float(weights.begin(), weights.end());
   parallel_over_tensors(outs, static_cast<int64_t>(k), [&](size_t i, int64_t lo, int64_t hi) {

@@ -150,23 +150,19 @@ void lerp_inplace(C* __restrict a, const C* __restrict s, int64_t n, C w) {
 
 // Turns tensors into operands. Contiguous tensors of a kernel dtype are used in place; others
 // go through contiguous temporaries (float32 for other floating sources, which is exact), and
-// written temporaries are copied back by write_back().
+// written temporaries are copied back by write_back(). The arguments were validated before the
+// kernel was reached (csrc/validate.h): every tensor is a CPU tensor, shapes match, written ones
+// have a kernel dtype and read ones a floating dtype.
 class Staging {
  public:
-  Operand read(const at::Tensor& t, const char* op) {
-    check_cpu(t, op);
-    TORCH_CHECK(t.is_floating_point(), op, ": expected floating tensors, got ", t.scalar_type());
+  Operand read(const at::Tensor& t) {
     if (t.is_contiguous() && is_kernel_dtype(t.scalar_type())) return operand(t);
     temps_.push_back(t.to(is_kernel_dtype(t.scalar_type()) ? t.scalar_type() : at::kFloat,
                           /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous));
     return operand(temps_.back());
   }
 
-  Operand written(const at::Tensor& t, const char* op) {
-    check_cpu(t, op);
-    TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op,
-                ": written tensors must be float32, float64, bfloat16 or float16, got ",
-                t.scalar_type());
+  Operand written(const at::Tensor& t) {
     if (t.is_contiguous()) return operand(t);
     write_backs_.emplace_back(t, t.contiguous());
     return operand(write_backs_.back().second);
@@ -177,9 +173,6 @@ class Staging {
   }
 
  private:
-  static void check_cpu(const at::Tensor& t, const char* op) {
-    TORCH_CHECK(t.device().is_cpu(), op, ": expected CPU tensors, got one on ", t.device());
-  }
   static Operand operand(const at::Tensor& t) { return {t.data_ptr(), t.scalar_type(), t.numel()}; }
 
   std::vector<at::Tensor> temps_;
@@ -187,19 +180,11 @@ class Staging {
 };
 
 // Operands of every tensor of `list`, staged as written or as read-only.
-inline std::vector<Operand> stage_list(Staging& staging, at::TensorList list, bool is_written,
-                                       const char* op) {
+inline std::vector<Operand> stage_list(Staging& staging, at::TensorList list, bool is_written) {
   std::vector<Operand> out;
   out.reserve(list.size());
-  for (const at::Tensor& t : list) out.push_back(is_written ? staging.written(t, op) : staging.read(t, op));
+  for (const at::Tensor& t : list) out.push_back(is_written ? staging.written(t) : staging.read(t));
   return out;
-}
-
-inline void check_numels(const std::vector<Operand>& a, const std::vector<Operand>& b, const char* op) {
-  TORCH_CHECK(a.size() == b.size(), op, ": lists of different lengths (", a.size(), " and ", b.size(), ")");
-  for (size_t i = 0; i < a.size(); ++i)
-    TORCH_CHECK(a[i].numel == b[i].numel, op, ": tensors at index ", i, " differ in size (", a[i].numel,
-                " and ", b[i].numel, " elements)");
 }
 
 // True when a found_inf flag is given and non-zero: the step is skipped.

@@ -50,11 +50,9 @@ void swag_range(const Operand& mean, const Operand& sq_mean, const Operand& src,
 void swag_cpu(at::TensorList mean, at::TensorList sq_mean, at::TensorList src, double weight,
               const std::optional<at::Tensor>& weight_tensor, const std::optional<at::Tensor>& found_inf) {
   Staging staging;
-  const std::vector<Operand> means = stage_list(staging, mean, true, "swag_");
-  const std::vector<Operand> sq_means = stage_list(staging, sq_mean, true, "swag_");
-  const std::vector<Operand> srcs = stage_list(staging, src, false, "swag_");
-  check_numels(means, sq_means, "swag_");
-  check_numels(means, srcs, "swag_");
+  const std::vector<Operand> means = stage_list(staging, mean, true);
+  const std::vector<Operand> sq_means = stage_list(staging, sq_mean, true);
+  const std::vector<Operand> srcs = stage_list(staging, src, false);
   if (step_is_skipped(found_inf)) return;
   const double w = weight_tensor.has_value() ? weight_tensor->item<double>() : weight;
   parallel_over_tensors(means, 2, [&](size_t i, int64_t lo, int64_t hi) {

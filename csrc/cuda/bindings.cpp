@@ -1,7 +1,9 @@
 // swm_fused ops on CUDA tensors: turns tensor lists into the pointer/size/dtype tables of the
 // launchers in multi_tensor_apply.cuh and runs them on the current stream. Arguments arrive validated
-// by swm_fused/ops.py; the checks here guard direct torch.ops calls. Nothing here synchronises with
-// the host: found_inf and weight_tensor are handed to the kernels as device pointers.
+// by csrc/validate.h (csrc/checks.cpp puts it in front of every call): one device, matching shapes,
+// kernel dtypes for written tensors, floating ones for read tensors, one-element flag tensors.
+// Nothing here synchronises with the host: found_inf and weight_tensor are handed to the kernels as
+// device pointers.
 //
 // Slower but correct paths, all through stream-ordered torch ops:
 //   * a non-contiguous tensor runs through a contiguous temporary (written ones are copied back);
@@ -42,11 +44,6 @@ int32_t dtype_code(at::ScalarType dtype) {
 
 at::ScalarType compute_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_on_device(const Tensor& t, const at::Device& device, const char* op, const char* what, size_t i) {
-  TORCH_CHECK(t.device() == device, op, ": ", what, "[", i, "] is on ", t.device(), " but the first tensor is on ",
-              device);
-}
-
 // Tensors the kernels read, kept alive (with any temporaries) until the launches are enqueued.
 class Inputs {
  public:
@@ -67,14 +64,9 @@ class Inputs {
 // that finish() copies back.
 class Outputs {
  public:
-  Outputs(at::TensorList targets, const char* op, const char* what) : targets_(targets) {
+  explicit Outputs(at::TensorList targets) : targets_(targets) {
     work_.reserve(targets.size());
-    for (size_t i = 0; i < targets.size(); ++i) {
-      const Tensor& t = targets[i];
-      TORCH_CHECK(dtype_code(t.scalar_type()) >= 0, op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
-                  "; written tensors must be float32, float64, bfloat16 or float16");
-      work_.push_back(t.is_contiguous() ? t : t.contiguous());
-    }
+    for (const Tensor& t : targets) work_.push_back(t.is_contiguous() ? t : t.contiguous());
   }
   const Tensor& operator[](size_t i) const { return work_[i]; }
   void finish() {
@@ -88,46 +80,27 @@ class Outputs {
   std::vector<Tensor> work_;
 };
 
-// Device pointer to a float32 found_inf scalar, or nullptr; `keep` holds a converted copy.
-const float* found_inf_pointer(const std::optional<Tensor>& found_inf, const at::Device& device, Tensor& keep,
-                               const char* op) {
-  if (!found_inf.has_value()) return nullptr;
-  TORCH_CHECK(found_inf->numel() == 1, op, ": found_inf must hold one element, got ", found_inf->numel());
-  TORCH_CHECK(found_inf->device() == device, op, ": found_inf is on ", found_inf->device(), " but the tensors are on ",
-              device);
-  keep = found_inf->to(at::kFloat).contiguous();
-  return keep.const_data_ptr<float>();
-}
-
-// Device pointer to a float64 weight scalar, or nullptr; `keep` holds a converted copy.
-const double* weight_pointer(const std::optional<Tensor>& weight_tensor, const at::Device& device, Tensor& keep,
-                             const char* op) {
-  if (!weight_tensor.has_value()) return nullptr;
-  TORCH_CHECK(weight_tensor->numel() == 1, op, ": weight_tensor must hold one element, got ", weight_tensor->numel());
-  TORCH_CHECK(weight_tensor->device() == device, op, ": weight_tensor is on ", weight_tensor->device(),
-              " but the tensors are on ", device);
-  keep = weight_tensor->to(at::kDouble).contiguous();
-  return keep.const_data_ptr<double>();
+// Device pointer to a one-element tensor converted to `dtype`, or nullptr; `keep` holds the converted copy.
+template <typename T>
+const T* scalar_pointer(const std::optional<Tensor>& t, at::ScalarType dtype, Tensor& keep) {
+  if (!t.has_value()) return nullptr;
+  keep = t->to(dtype).contiguous();
+  return keep.const_data_ptr<T>();
 }
 
 void lerp_cuda(at::TensorList avg, at::TensorList src, double weight, const std::optional<Tensor>& weight_tensor,
                const std::optional<Tensor>& found_inf) {
-  TORCH_CHECK(avg.size() == src.size(), "lerp_: got ", avg.size(), " averages but ", src.size(), " sources");
   if (avg.empty()) return;
   const at::Device device = avg[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const size_t n = avg.size();
-  Outputs avgs(avg, "lerp_", "avg");
+  Outputs avgs(avg);
   Inputs inputs(n);
   std::vector<int64_t> numels(n);
   std::vector<void*> avg_ptrs(n);
   std::vector<const void*> src_ptrs(n);
   std::vector<int32_t> avg_codes(n), src_codes(n);
   for (size_t i = 0; i < n; ++i) {
-    check_on_device(avg[i], device, "lerp_", "avg", i);
-    check_on_device(src[i], device, "lerp_", "src", i);
-    TORCH_CHECK(src[i].numel() == avg[i].numel(), "lerp_: src[", i, "] has ", src[i].numel(), " elements but avg[", i,
-                "] has ", avg[i].numel());
     const Tensor s = inputs.add(src[i], at::kFloat);
     numels[i] = avgs[i].numel();
     avg_ptrs[i] = avgs[i].data_ptr();
@@ -136,35 +109,85 @@ void lerp_cuda(at::TensorList avg, at::TensorList src, double weight, const std:
     src_codes[i] = dtype_code(s.scalar_type());
   }
   Tensor weight_keep, found_keep;
-  const double* weight_dev = weight_pointer(weight_tensor, device, weight_keep, "lerp_");
-  const float* found_dev = found_inf_pointer(found_inf, device, found_keep, "lerp_");
+  const double* weight_dev = scalar_pointer<double>(weight_tensor, at::kDouble, weight_keep);
+  const float* found_dev = scalar_pointer<float>(found_inf, at::kFloat, found_keep);
   C10_CUDA_CHECK(launch_lerp(static_cast<int64_t>(n), numels.data(), avg_ptrs.data(), avg_codes.data(),
                              src_ptrs.data(), src_codes.data(), weight, weight_dev, found_dev,
                              c10::cuda::getCurrentCUDAStream()));
   avgs.finish();
 }
 
+// avg is k-major: avg[k * n + i] pairs with src[i], K = weights.size(). Positions whose K averages
+// share a dtype run fused (the source read once per kMaxLerpProfiles profiles); others run as K lerps.
+void lerp_multi_cuda(at::TensorList avg, at::TensorList src, at::ArrayRef<double> weights,
+                     const std::optional<Tensor>& found_inf) {
+  const size_t n = src.size(), k_total = weights.size();
+  if (n == 0) return;
+  const at::Device device = src[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Outputs avgs(avg);
+  Inputs inputs(n);
+  Tensor found_keep;
+  const float* found_dev = scalar_pointer<float>(found_inf, at::kFloat, found_keep);
+  std::vector<int64_t> numels, mixed_numels;
+  std::vector<const void*> src_ptrs, mixed_src_ptrs;
+  std::vector<int32_t> avg_codes, src_codes, mixed_src_codes;
+  std::vector<std::vector<void*>> avg_ptrs(k_total), mixed_avg_ptrs(k_total);
+  std::vector<std::vector<int32_t>> mixed_avg_codes(k_total);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor s = inputs.add(src[i], at::kFloat);
+    const int32_t code = dtype_code(avgs[i].scalar_type());
+    bool uniform = true;
+    for (size_t k = 1; k < k_total; ++k) uniform = uniform && dtype_code(avgs[k * n + i].scalar_type()) == code;
+    if (uniform) {
+      numels.push_back(s.numel());
+      src_ptrs.push_back(s.const_data_ptr());
+      src_codes.push_back(dtype_code(s.scalar_type()));
+      avg_codes.push_back(code);
+      for (size_t k = 0; k < k_total; ++k) avg_ptrs[k].push_back(avgs[k * n + i].data_ptr());
+    } else {
+      mixed_numels.push_back(s.numel());
+      mixed_src_ptrs.push_back(s.const_data_ptr());
+      mixed_src_codes.push_back(dtype_code(s.scalar_type()));
+      for (size_t k = 0; k < k_total; ++k) {
+        mixed_avg_ptrs[k].push_back(avgs[k * n + i].data_ptr());
+        mixed_avg_codes[k].push_back(dtype_code(avgs[k * n + i].scalar_type()));
+      }
+    }
+  }
+  const int64_t n_uniform = static_cast<int64_t>(numels.size());
+  for (size_t k0 = 0; k0 < k_total && n_uniform > 0; k0 += kMaxLerpProfiles) {
+    const size_t k_pass = std::min<size_t>(kMaxLerpProfiles, k_total - k0);
+    std::vector<void*> pass_avgs;  // k-major over the uniform positions
+    pass_avgs.reserve(k_pass * numels.size());
+    for (size_t k = k0; k < k0 + k_pass; ++k) pass_avgs.insert(pass_avgs.end(), avg_ptrs[k].begin(), avg_ptrs[k].end());
+    C10_CUDA_CHECK(launch_lerp_multi(n_uniform, numels.data(), static_cast<int32_t>(k_pass), pass_avgs.data(),
+                                     avg_codes.data(), src_ptrs.data(), src_codes.data(), weights.data() + k0,
+                                     found_dev, stream));
+  }
+  for (size_t k = 0; k < k_total && !mixed_numels.empty(); ++k) {
+    C10_CUDA_CHECK(launch_lerp(static_cast<int64_t>(mixed_numels.size()), mixed_numels.data(), mixed_avg_ptrs[k].data(),
+                               mixed_avg_codes[k].data(), mixed_src_ptrs.data(), mixed_src_codes.data(), weights[k],
+                               nullptr, found_dev, stream));
+  }
+  avgs.finish();
+}
+
 void swag_cuda(at::TensorList mean, at::TensorList sq_mean, at::TensorList src, double weight,
                const std::optional<Tensor>& weight_tensor, const std::optional<Tensor>& found_inf) {
-  TORCH_CHECK(mean.size() == sq_mean.size() && mean.size() == src.size(), "swag_: got ", mean.size(), " means, ",
-              sq_mean.size(), " sq_means and ", src.size(), " sources");
   if (mean.empty()) return;
   const at::Device device = mean[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const size_t n = mean.size();
-  Outputs means(mean, "swag_", "mean");
-  Outputs sq_means(sq_mean, "swag_", "sq_mean");
+  Outputs means(mean);
+  Outputs sq_means(sq_mean);
   Inputs inputs(n);
   std::vector<int64_t> numels(n);
   std::vector<void*> mean_ptrs(n), sq_ptrs(n);
   std::vector<const void*> src_ptrs(n);
   std::vector<int32_t> mean_codes(n), sq_codes(n), src_codes(n);
   for (size_t i = 0; i < n; ++i) {
-    check_on_device(mean[i], device, "swag_", "mean", i);
-    check_on_device(sq_mean[i], device, "swag_", "sq_mean", i);
-    check_on_device(src[i], device, "swag_", "src", i);
-    TORCH_CHECK(sq_mean[i].numel() == mean[i].numel() && src[i].numel() == mean[i].numel(), "swag_: mean[", i,
-                "], sq_mean[", i, "] and src[", i, "] differ in size");
     const Tensor s = inputs.add(src[i], at::kFloat);
     numels[i] = means[i].numel();
     mean_ptrs[i] = means[i].data_ptr();
@@ -175,8 +198,8 @@ void swag_cuda(at::TensorList mean, at::TensorList sq_mean, at::TensorList src, 
     src_codes[i] = dtype_code(s.scalar_type());
   }
   Tensor weight_keep, found_keep;
-  const double* weight_dev = weight_pointer(weight_tensor, device, weight_keep, "swag_");
-  const float* found_dev = found_inf_pointer(found_inf, device, found_keep, "swag_");
+  const double* weight_dev = scalar_pointer<double>(weight_tensor, at::kDouble, weight_keep);
+  const float* found_dev = scalar_pointer<float>(found_inf, at::kFloat, found_keep);
   C10_CUDA_CHECK(launch_swag(static_cast<int64_t>(n), numels.data(), mean_ptrs.data(), mean_codes.data(),
                              sq_ptrs.data(), sq_codes.data(), src_ptrs.data(), src_codes.data(), weight, weight_dev,
                              found_dev, c10::cuda::getCurrentCUDAStream()));
@@ -188,28 +211,21 @@ void swag_cuda(at::TensorList mean, at::TensorList sq_mean, at::TensorList src, 
 void merge_cuda(at::TensorList out, at::TensorList inputs, at::ArrayRef<double> weights) {
   const size_t n = out.size();
   const size_t k_total = weights.size();
-  TORCH_CHECK(k_total >= 1, "merge_: weights is empty; give at least one model");
-  TORCH_CHECK(inputs.size() == k_total * n, "merge_: got ", inputs.size(), " inputs for ", n, " outputs and ",
-              k_total, " weights (expected outputs * weights)");
   if (n == 0) return;
   const at::Device device = out[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Outputs outs(out, "merge_", "out");
+  Outputs outs(out);
   Inputs reads(inputs.size());
   std::vector<int64_t> numels(n);
   std::vector<void*> out_ptrs(n);
   std::vector<int32_t> out_codes(n), in_codes(n);
   std::vector<const void*> in_ptrs(inputs.size());  // k-major, like `inputs`
   for (size_t i = 0; i < n; ++i) {
-    check_on_device(out[i], device, "merge_", "out", i);
     const at::ScalarType first = inputs[i].scalar_type();
     bool shared_dtype = dtype_code(first) >= 0;
     for (size_t k = 0; k < k_total; ++k) {
       const Tensor& x = inputs[k * n + i];
-      check_on_device(x, device, "merge_", "inputs", k * n + i);
-      TORCH_CHECK(x.numel() == out[i].numel(), "merge_: inputs[", k, "][", i, "] has ", x.numel(),
-                  " elements but out[", i, "] has ", out[i].numel());
       shared_dtype = shared_dtype && x.scalar_type() == first;
     }
     const at::ScalarType ct = compute_type(outs[i].scalar_type());
@@ -256,7 +272,6 @@ void merge_cuda(at::TensorList out, at::TensorList inputs, at::ArrayRef<double> 
 }
 
 Tensor any_nonfinite_cuda(at::TensorList tensors) {
-  TORCH_CHECK(!tensors.empty(), "any_nonfinite: the tensor list is empty");
   const at::Device device = tensors[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const size_t n = tensors.size();
@@ -265,9 +280,6 @@ Tensor any_nonfinite_cuda(at::TensorList tensors) {
   std::vector<const void*> ptrs(n);
   std::vector<int32_t> codes(n);
   for (size_t i = 0; i < n; ++i) {
-    check_on_device(tensors[i], device, "any_nonfinite", "tensors", i);
-    TORCH_CHECK(at::isFloatingType(tensors[i].scalar_type()), "any_nonfinite: tensors[", i, "] has dtype ",
-                tensors[i].scalar_type(), "; expected a floating dtype");
     const Tensor t = inputs.add(tensors[i], at::kFloat);  // conversion to float32 keeps NaN and Inf
     numels[i] = t.numel();
     ptrs[i] = t.const_data_ptr();
@@ -283,6 +295,7 @@ Tensor any_nonfinite_cuda(at::TensorList tensors) {
 
 TORCH_LIBRARY_IMPL(swm_fused, CUDA, m) {
   m.impl("lerp_", &lerp_cuda);
+  m.impl("lerp_multi_", &lerp_multi_cuda);
   m.impl("swag_", &swag_cuda);
   m.impl("merge_", &merge_cuda);
   m.impl("any_nonfinite", &any_nonfinite_cuda);

@@ -28,6 +28,9 @@ enum DTypeCode : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 =
 // Most inputs one merge launch reads; bindings.cpp chains launches through an accumulator for more.
 constexpr int kMaxMergeInputs = 8;
 
+// Most averages one lerp_multi launch updates; bindings.cpp runs more in groups of this many.
+constexpr int kMaxLerpProfiles = 4;
+
 // Every launcher takes per-tensor arrays of length n (numels, pointers, dtype codes), enqueues its
 // kernels on `stream`, and returns the first launch error (cudaSuccess when all launches went out),
 // or cudaErrorInvalidValue for an unknown dtype code or an out-of-range argument. Tensors must be
@@ -39,6 +42,13 @@ constexpr int kMaxMergeInputs = 8;
 cudaError_t launch_lerp(int64_t n, const int64_t* numels, void* const* avgs, const int32_t* avg_dtypes,
                         const void* const* srcs, const int32_t* src_dtypes, double weight,
                         const double* weight_dev, const float* found_inf_dev, cudaStream_t stream);
+
+// avgs[k * n + i] <- lerp(avgs[k * n + i], src[i], weights[k]) for k < k_profiles, reading src[i] once.
+// All k_profiles averages of position i have dtype avg_dtypes[i]. 1 <= k_profiles <= kMaxLerpProfiles;
+// weights is a host array. Nothing is written when *found_inf_dev != 0.
+cudaError_t launch_lerp_multi(int64_t n, const int64_t* numels, int32_t k_profiles, void* const* avgs,
+                              const int32_t* avg_dtypes, const void* const* srcs, const int32_t* src_dtypes,
+                              const double* weights, const float* found_inf_dev, cudaStream_t stream);
 
 // mean[i] <- lerp(mean[i], src[i], w); sq_mean[i] <- lerp(sq_mean[i], src[i]^2, w); one pass.
 cudaError_t launch_swag(int64_t n, const int64_t* numels, void* const* means, const int32_t* mean_dtypes,

@@ -1,1 +1,2 @@
-"""Backends behind swm_fused.ops; swm_fused.dispatch picks one per call. The Triton one lives in swm_fused.triton."""
+"""Kernel sets behind swm_fused.ops: ``reference`` (plain torch) and ``compiled`` (cpp and cuda, through
+torch.library). The Triton one lives in swm_fused.triton; swm_fused.dispatch picks one per call."""

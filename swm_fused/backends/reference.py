@@ -1,18 +1,20 @@
 """Reference backend: pure PyTorch, written as plainly as the math.
 
 This is the oracle the other backends are tested against, and the fallback
-when nothing faster is available. Every function receives lists that
-``swm_fused.ops`` has already validated; arithmetic runs in float32 (float64
-for float64 averages) and rounds once, at the store.
+when nothing faster is available. Each function first runs the one validator
+(csrc/validate.h, through its ``check_*`` op), like every backend; arithmetic
+runs in float32 (float64 for float64 averages) and rounds once, at the store.
 
 Primitives (shared by every backend):
     lerp_(avgs, srcs, weight, weight_tensor, found_inf)
         avg <- avg + w * (src - avg)             (EMA: w = 1 - decay, SWA: w = 1/(n+1))
+    lerp_multi_(avgs, srcs, weights, found_inf)
+        avgs[k] <- lerp(avgs[k], src, weights[k]) for k = 0..K-1  (K EMA profiles, one source)
     swag_(means, sq_means, srcs, weight, weight_tensor, found_inf)
         mean <- mean + w * (src - mean);  sq_mean <- sq_mean + w * (src^2 - sq_mean)
     merge_(outs, inputs, weights)
         out <- sum_k weights[k] * inputs[k]
-    any_nonfinite(tensors) -> 0-dim float32 tensor, 1.0 if any NaN/Inf
+    any_nonfinite(tensors) -> 0-dim float32 tensor, 1.0 if any NaN/Inf (floating tensors only)
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from .. import _C  # noqa: F401  (the validator: torch.ops.swm_fused.check_*)
 
 NAME = "reference"
 
@@ -44,14 +48,25 @@ def _store(dst: Tensor, value: Tensor, found_inf: Optional[Tensor]) -> None:
 
 def lerp_(avgs: Sequence[Tensor], srcs: Sequence[Tensor], weight: float,
           weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    torch.ops.swm_fused.check_lerp_(avgs, srcs, weight_tensor, found_inf)
     for avg, src in zip(avgs, srcs):
         ct = compute_dtype(avg.dtype)
         a, s = avg.to(ct), src.to(ct)
         _store(avg, torch.lerp(a, s, _weight(weight, weight_tensor, ct)), found_inf)
 
 
+def lerp_multi_(avgs: Sequence[Sequence[Tensor]], srcs: Sequence[Tensor], weights: Sequence[float],
+                found_inf: Optional[Tensor]) -> None:
+    torch.ops.swm_fused.check_lerp_multi_([t for x in avgs for t in x], srcs, len(weights), found_inf)
+    for avg_list, w in zip(avgs, weights):
+        for avg, src in zip(avg_list, srcs):
+            ct = compute_dtype(avg.dtype)
+            _store(avg, torch.lerp(avg.to(ct), src.to(ct), w), found_inf)
+
+
 def swag_(means: Sequence[Tensor], sq_means: Sequence[Tensor], srcs: Sequence[Tensor],
           weight: float, weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    torch.ops.swm_fused.check_swag_(means, sq_means, srcs, weight_tensor, found_inf)
     for mean, sq_mean, src in zip(means, sq_means, srcs):
         ct_mean, ct_sq = compute_dtype(mean.dtype), compute_dtype(sq_mean.dtype)  # each moment in its own type
         new_mean = torch.lerp(mean.to(ct_mean), src.to(ct_mean), _weight(weight, weight_tensor, ct_mean))
@@ -63,6 +78,7 @@ def swag_(means: Sequence[Tensor], sq_means: Sequence[Tensor], srcs: Sequence[Te
 
 def merge_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]],
            weights: Sequence[float]) -> None:
+    torch.ops.swm_fused.check_merge_(outs, [t for x in inputs for t in x], len(weights))
     for i, out in enumerate(outs):
         ct = compute_dtype(out.dtype)
         acc = weights[0] * inputs[0][i].to(ct)
@@ -72,6 +88,7 @@ def merge_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]],
 
 
 def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    torch.ops.swm_fused.check_any_nonfinite(tensors)
     device = tensors[0].device if len(tensors) else torch.device("cpu")
     flags = [torch.isfinite(t).logical_not().any() for t in tensors if t.numel()]
     if not flags:

@@ -6,12 +6,18 @@ combination of dtypes, not 5,000. Arithmetic follows the reference backend:
 float32 (float64 for float64 averages), torch's fma lerp, one rounding at the
 store; ``weight_tensor`` and ``found_inf`` are read on the device.
 
+The launchers are registered as ``torch.ops.swm_fused_triton`` custom ops, so
+``torch.compile`` sees them as opaque ops (the tables hold real addresses, which
+tracing with fake tensors cannot provide; hence not ``torch.library.triton_op``).
+Like every backend, each primitive first runs the one validator (csrc/validate.h).
+
 Runs on CUDA tensors, or on CPU tensors when the kernels were decorated under
 ``TRITON_INTERPRET=1`` (set it before importing this package).
 """
-from __future__ import annotations
+from typing import List, Optional
 
 import torch
+from torch import Tensor
 
 NAME = "triton"
 
@@ -21,11 +27,78 @@ except ImportError as exc:
     _IMPORT_ERROR = f"triton not installed: {exc}"
 else:
     _IMPORT_ERROR = ""
+    from .. import _C  # noqa: F401  (the validator: torch.ops.swm_fused.check_*)
     from ._multi_tensor import INTERPRETED
-    from .any_nonfinite import any_nonfinite
-    from .lerp import lerp_
-    from .merge import merge_
-    from .swag import swag_
+    from .any_nonfinite import any_nonfinite as _any_nonfinite_launch
+    from .lerp import lerp_ as _lerp_launch
+    from .lerp import lerp_multi_ as _lerp_multi_launch
+    from .merge import merge_ as _merge_launch
+    from .swag import swag_ as _swag_launch
+
+    DEVICE_TYPE = "cpu" if INTERPRETED else "cuda"
+
+    def _as_flag(found_inf: Optional[Tensor]) -> Optional[Tensor]:
+        """The flag as the kernels load it: a float32 scalar."""
+        return None if found_inf is None else found_inf.reshape(()).to(torch.float32)
+
+    @torch.library.custom_op("swm_fused_triton::lerp_", mutates_args=("avgs",))
+    def _lerp_op(avgs: List[Tensor], srcs: List[Tensor], weight: float, weight_tensor: Optional[Tensor],
+                 found_inf: Optional[Tensor]) -> None:
+        _lerp_launch(avgs, srcs, weight, weight_tensor, _as_flag(found_inf))
+
+    @torch.library.custom_op("swm_fused_triton::lerp_multi_", mutates_args=("avgs",))
+    def _lerp_multi_op(avgs: List[Tensor], srcs: List[Tensor], weights: List[float],
+                       found_inf: Optional[Tensor]) -> None:
+        n = len(srcs)
+        _lerp_multi_launch([avgs[k * n:(k + 1) * n] for k in range(len(weights))], srcs, weights, _as_flag(found_inf))
+
+    @torch.library.custom_op("swm_fused_triton::swag_", mutates_args=("means", "sq_means"))
+    def _swag_op(means: List[Tensor], sq_means: List[Tensor], srcs: List[Tensor], weight: float,
+                 weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        _swag_launch(means, sq_means, srcs, weight, weight_tensor, _as_flag(found_inf))
+
+    @torch.library.custom_op("swm_fused_triton::merge_", mutates_args=("outs",))
+    def _merge_op(outs: List[Tensor], inputs: List[Tensor], weights: List[float]) -> None:
+        n = len(outs)
+        _merge_launch(outs, [inputs[k * n:(k + 1) * n] for k in range(len(weights))], weights)
+
+    @torch.library.custom_op("swm_fused_triton::any_nonfinite", mutates_args=())
+    def _any_nonfinite_op(tensors: List[Tensor]) -> Tensor:
+        return _any_nonfinite_launch(tensors)
+
+    @_any_nonfinite_op.register_fake
+    def _(tensors: List[Tensor]) -> Tensor:
+        return tensors[0].new_empty((), dtype=torch.float32)
+
+    def lerp_(avgs: List[Tensor], srcs: List[Tensor], weight: float, weight_tensor: Optional[Tensor],
+              found_inf: Optional[Tensor]) -> None:
+        """``avg <- lerp(avg, src, w)``, ``w = weight_tensor`` if given else ``weight``; one launch per dtype pair."""
+        torch.ops.swm_fused.check_lerp_(avgs, srcs, weight_tensor, found_inf)
+        _lerp_op(avgs, srcs, weight, weight_tensor, found_inf)
+
+    def lerp_multi_(avgs: List[List[Tensor]], srcs: List[Tensor], weights: List[float],
+                    found_inf: Optional[Tensor]) -> None:
+        """K profiles of one source in one pass; one launch per dtype group."""
+        flat_avgs = [t for x in avgs for t in x]  # k-major, like the compiled op
+        torch.ops.swm_fused.check_lerp_multi_(flat_avgs, srcs, len(weights), found_inf)
+        _lerp_multi_op(flat_avgs, srcs, list(weights), found_inf)
+
+    def swag_(means: List[Tensor], sq_means: List[Tensor], srcs: List[Tensor], weight: float,
+              weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """Both SWAG moments in one pass; one launch per dtype triple."""
+        torch.ops.swm_fused.check_swag_(means, sq_means, srcs, weight_tensor, found_inf)
+        _swag_op(means, sq_means, srcs, weight, weight_tensor, found_inf)
+
+    def merge_(outs: List[Tensor], inputs: List[List[Tensor]], weights: List[float]) -> None:
+        """``out <- sum_k weights[k] * inputs[k][i]``; ``out`` may be one of the inputs."""
+        flat_inputs = [t for x in inputs for t in x]  # k-major, like the compiled op
+        torch.ops.swm_fused.check_merge_(outs, flat_inputs, len(weights))
+        _merge_op(outs, flat_inputs, list(weights))
+
+    def any_nonfinite(tensors: List[Tensor]) -> Tensor:
+        """A 0-dim float32 device tensor: 1.0 if any element is NaN/Inf; never read on the host."""
+        torch.ops.swm_fused.check_any_nonfinite(tensors)
+        return _any_nonfinite_op(tensors)
 
 
 def unavailable_reason() -> str:
@@ -35,10 +108,3 @@ def unavailable_reason() -> str:
     if not INTERPRETED and not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"
     return ""
-
-
-def supports(device: torch.device) -> bool:
-    """CUDA tensors; CPU tensors instead when running under the Triton interpreter."""
-    if _IMPORT_ERROR:
-        return False
-    return torch.device(device).type == ("cpu" if INTERPRETED else "cuda")

@@ -1,0 +1,61 @@
+"""No op path waits for the device: every public op, on every backend and device, runs with the
+host-sync entry points (``Tensor.item``, ``.cpu()``, ``bool()``/``float()`` of a tensor, ``torch.cuda.synchronize``)
+patched to raise. (On CUDA, tests/test_cuda.py also runs the ops under torch's sync debug mode.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import swm_fused
+from swm_fused import FlatBuffer, use_backend
+from _cases import random_tensor, row_id, rows
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    def forbidden(name):
+        def call(*args, **kwargs):
+            raise HostSync(f"{name} was called inside an op")
+        return call
+    for name in ("item", "cpu", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(f"Tensor.{name}"))
+    monkeypatch.setattr(torch.cuda, "synchronize", forbidden("torch.cuda.synchronize"))
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", forbidden("torch.cuda.Event.synchronize"))
+    monkeypatch.setattr(torch.cuda.Stream, "synchronize", forbidden("torch.cuda.Stream.synchronize"))
+
+
+def _every_op(device: torch.device) -> None:
+    shapes = [(4097,), (7, 3), (1,)]
+    avg = [random_tensor(s, torch.float32, device) for s in shapes]
+    sq = [a * a for a in avg]
+    src = [random_tensor(s, torch.bfloat16, device) for s in shapes]
+    out = [torch.empty(s, dtype=torch.float16, device=device) for s in shapes]
+    n = torch.tensor(3, device=device)
+    flat_avg, flat_src = FlatBuffer.from_tensors(avg), FlatBuffer.from_tensors(src)
+    flag = swm_fused.any_nonfinite(src + [torch.ones(2, dtype=torch.int64, device=device)])
+    swm_fused.ema_(avg, src, 0.99, found_inf=flag)
+    swm_fused.swa_(avg, src, n, found_inf=flag)
+    swm_fused.swa_(avg, src, 5)
+    swm_fused.swag_(avg, sq, src, n, found_inf=flag)
+    swm_fused.ema_multi_([avg, sq], src, [0.1, 0.01], found_inf=flag)
+    swm_fused.merge_(out, [avg, src, sq], [0.5, -0.25, 0.75])
+    swm_fused.merge_(out, [avg, src], torch.tensor([0.5, 0.5]))
+    swm_fused.ema_(flat_avg, flat_src, 0.9, found_inf=swm_fused.any_nonfinite(flat_src))
+
+
+@pytest.mark.parametrize("row", rows(), ids=row_id)
+def test_no_op_path_synchronises(row, no_host_sync):
+    backend, device = row
+    with use_backend(backend):
+        _every_op(device)
+    with pytest.raises(HostSync):  # the patches are live
+        torch.zeros(1).item()
+
+
+def test_automatic_choice_does_not_synchronise_either(no_host_sync):
+    for device in {r[1] for r in rows()}:
+        _every_op(device)
