@@ -92,7 +92,7 @@ def test_averager_of_a_flat_model_is_one_kernel_over_one_vector():
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(40)])
     flatten_parameters(model)
     averager = WeightAverager(model, mode="ema", decay=0.5)
-    backend = dispatch.select(torch.device("cpu"))
+    backend = dispatch.select(torch.device("cpu")).kernels
     calls = []
     real = backend.lerp_
 
