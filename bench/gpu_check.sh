@@ -22,7 +22,7 @@
 # Needs no network.
 set -uo pipefail
 
-DEFAULT_TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_triton.py tests/test_compile.py tests/test_dispatch.py"
+DEFAULT_TEST_FILES="tests/test_cuda.py tests/test_no_sync.py tests/test_cuda_graph.py tests/test_ops.py tests/test_triton.py tests/test_compile.py tests/test_dispatch.py"
 TEST_FILES=${GPU_CHECK_TEST_FILES:-$DEFAULT_TEST_FILES}
 DRY_RUN_TEST_FILES="tests/test_dispatch.py"
 DRY_RUN_BENCH_CASES=${GPU_CHECK_DRY_RUN_CASES-gpt2-bf16}  # gpu.py -k in a dry run (empty: every case)
@@ -261,6 +261,8 @@ if begin_phase tests; then
   read -r -a test_args <<<"$test_files"
   pytest_args=(-q -rs -p no:cacheprovider --junitxml="$junit")
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout="$TEST_TIMEOUT_S"); fi
+  # GPU machines have 16 cores: spread the (many CPU-row) tests over workers when pytest-xdist is there
+  if [ "$dry_run" != 1 ] && "$PY" -c "import xdist" 2>/dev/null; then pytest_args+=(-n 6); fi
   say "$PY -m pytest ${test_args[*]} ${pytest_args[*]}"
   limit_signal=INT run_limited "$PY" -m pytest "${test_args[@]}" "${pytest_args[@]}"
   rc=$?
