@@ -19,10 +19,17 @@ TORCH_LIBRARY(swm_fused, m) {
         "Tensor? found_inf) -> ()");
   m.def("merge_(Tensor(a!)[] out, Tensor[] inputs, float[] weights) -> ()");
   m.def("any_nonfinite(Tensor[] tensors) -> Tensor");
+  // SAM: sum of (scale * t)^2 over every tensor (scale empty: no scale), one 0-dim float32 tensor;
+  // saved <- params and params <- params + scale * (params^2 if adaptive else 1) * grads, one pass.
+  m.def("sq_norm(Tensor[] tensors, Tensor[] scale) -> Tensor");
+  m.def("sam_ascent_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saved, Tensor scale, bool adaptive, "
+        "Tensor? found_inf) -> ()");
   // The validator alone, with the list arguments of the op above of the same name: the Python
   // backends (reference, triton) call these before running, so every backend checks the same rules.
   m.def("check_lerp_(Tensor[] avg, Tensor[] src, Tensor? weight_tensor, Tensor? found_inf) -> ()");
   m.def("check_swag_(Tensor[] mean, Tensor[] sq_mean, Tensor[] src, Tensor? weight_tensor, Tensor? found_inf) -> ()");
   m.def("check_merge_(Tensor[] out, Tensor[] inputs, int num_weights) -> ()");
   m.def("check_any_nonfinite(Tensor[] tensors) -> ()");
+  m.def("check_sq_norm(Tensor[] tensors, Tensor[] scale) -> ()");
+  m.def("check_sam_ascent_(Tensor[] params, Tensor[] grads, Tensor[] saved, Tensor scale, Tensor? found_inf) -> ()");
 }

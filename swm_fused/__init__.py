@@ -6,7 +6,7 @@ from typing import Any
 
 from .dispatch import available_backends, tune, use_backend
 from .flat import FlatBuffer
-from .ops import any_nonfinite, ema_, merge_, swa_, swag_
+from .ops import any_nonfinite, ema_, merge_, sam_ascent_, sq_norm, swa_, swag_
 
 __version__ = "0.1.0"
 
@@ -31,5 +31,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'swm_fused' has no attribute {name!r}")
 
 
-__all__ = ["ema_", "swa_", "swag_", "merge_", "any_nonfinite", "FlatBuffer",
+__all__ = ["ema_", "swa_", "swag_", "merge_", "any_nonfinite", "sq_norm", "sam_ascent_", "FlatBuffer",
            "available_backends", "use_backend", "tune", *_LAZY]

@@ -33,3 +33,14 @@ def _merge_fake(out: List[Tensor], inputs: List[Tensor], weights: List[float]) -
 @torch.library.register_fake("swm_fused::any_nonfinite")
 def _any_nonfinite_fake(tensors: List[Tensor]) -> Tensor:
     return tensors[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("swm_fused::sq_norm")
+def _sq_norm_fake(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
+    return tensors[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("swm_fused::sam_ascent_")
+def _sam_ascent_fake(params: List[Tensor], grads: List[Tensor], saved: List[Tensor], scale: Tensor, adaptive: bool,
+                     found_inf: Optional[Tensor]) -> None:
+    return None
