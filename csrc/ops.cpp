@@ -19,7 +19,8 @@ TORCH_LIBRARY(swm_fused, m) {
         "Tensor? found_inf) -> ()");
   m.def("merge_(Tensor(a!)[] out, Tensor[] inputs, float[] weights) -> ()");
   m.def("any_nonfinite(Tensor[] tensors) -> Tensor");
-  // SAM: sum of (scale * t)^2 over every tensor (scale empty: no scale), one 0-dim float32 tensor;
+  // SAM: sum of (scale * t)^2 over every tensor (scale empty: no scale), one 0-dim tensor (float64 when
+  // a tensor is float64, else float32);
   // saved <- params and params <- params + scale * (params^2 if adaptive else 1) * grads, one pass.
   m.def("sq_norm(Tensor[] tensors, Tensor[] scale) -> Tensor");
   m.def("sam_ascent_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saved, Tensor scale, bool adaptive, "

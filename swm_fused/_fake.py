@@ -37,7 +37,8 @@ def _any_nonfinite_fake(tensors: List[Tensor]) -> Tensor:
 
 @torch.library.register_fake("swm_fused::sq_norm")
 def _sq_norm_fake(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
-    return tensors[0].new_empty((), dtype=torch.float32)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return tensors[0].new_empty((), dtype=dtype)
 
 
 @torch.library.register_fake("swm_fused::sam_ascent_")

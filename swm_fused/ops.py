@@ -259,13 +259,14 @@ def any_nonfinite(tensors: TensorList) -> Tensor:
 
 
 def sq_norm(tensors: TensorList, *, scale: Optional[TensorList] = None) -> Tensor:
-    """The squared L2 norm of a whole list, as a 0-dim float32 tensor on its device: ``sum_i sum((scale_i * t_i)**2)``.
+    """The squared L2 norm of a whole list, as a 0-dim tensor on its device: ``sum_i sum((scale_i * t_i)**2)``.
 
     One multi-tensor reduction; never synchronises with the host. ``scale`` (optional) is a list
     paired with ``tensors`` by position (SAM's adaptive variant, ASAM, passes the weights: the norm
     of ``|w| * g``). Each square is computed in the tensor's compute type (float32, float64 for
-    float64 tensors), the squares are summed in float64, and the total is rounded once to float32.
-    The summation order is the backend's, so backends agree to about one float32 rounding.
+    float64 tensors), the squares are summed in float64, and the total is rounded once to float32,
+    the result's dtype (float64, unrounded, when any of ``tensors`` is float64). The summation order
+    is the backend's, so backends agree to about one rounding of the result.
     """
     tensor_list = _as_list("sq_norm", "tensors", tensors)
     scale_list: List[Tensor] = [] if scale is None else _as_list("sq_norm", "scale", scale)

@@ -24,8 +24,8 @@ ROWS = rows()
 OTHER_ROWS = [r for r in ROWS if r[0] != "reference"]
 BACKENDS = cpu_backends()
 DTYPE_PAIRS = list(itertools.product(FLOAT_DTYPES, FLOAT_DTYPES))
-# A float32 sum of squares: every backend squares in the compute type and adds in float64, in its own
-# order, then rounds once to float32; the float64 oracle differs by the rounding of each square.
+# Every backend squares in the compute type and adds in float64, in its own order, then rounds once to
+# float32 (float64 results when a tensor is float64); the float64 oracle differs by the rounding of each square.
 NORM_RTOL = 2e-6
 
 
@@ -119,7 +119,8 @@ def float64_ascent(case: Dict) -> List[Tensor]:
 def check_norm_against_reference(case: Dict, backend: str) -> None:
     expected, _ = run(case, "reference")
     actual, after = run(case, backend)
-    assert actual.dtype == torch.float32 and actual.dim() == 0 and actual.device == expected.device
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in case["tensors"]) else torch.float32
+    assert actual.dtype == expected.dtype == dtype and actual.dim() == 0 and actual.device == expected.device
     assert_close(actual, expected, 0.0, NORM_RTOL, what=f"{backend} sq_norm")
     assert_unchanged(case["tensors"] + case.get("scale", []), after["tensors"] + after.get("scale", []),
                      f"{backend} sq_norm inputs")

@@ -1,4 +1,5 @@
-// swm_fused::sq_norm on CPU: sum over every tensor of (scale * t)^2, one 0-dim float32 tensor.
+// swm_fused::sq_norm on CPU: sum over every tensor of (scale * t)^2, one 0-dim tensor (float64 when a
+// tensor is float64, else float32).
 // Each square is computed in the tensor's compute type (double for float64 tensors, else float) and
 // the squares are summed in double, in fixed slices whose partial sums are added in order, so the
 // result does not depend on the number of threads.
@@ -56,8 +57,10 @@ at::Tensor sq_norm_cpu(at::TensorList tensors, at::TensorList scale) {
     }
   });
   double total = 0.0;
+  bool any_double = false;
   for (const double p : partials) total += p;
-  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
+  for (const at::Tensor& t : tensors) any_double = any_double || t.scalar_type() == at::kDouble;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
 }
 
 }  // namespace

@@ -235,7 +235,7 @@ Tensor any_nonfinite_cuda(at::TensorList tensors) {
 }
 
 // sum_i sum((scale_i * t_i)^2): float64 partials per chunk from the kernels, added by a torch sum on the
-// same stream (deterministic), rounded once to float32.
+// same stream (deterministic), rounded once to float32 (kept in float64 when a tensor is float64).
 Tensor sq_norm_cuda(at::TensorList tensors, at::TensorList scale) {
   const at::Device device = tensors[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -257,12 +257,15 @@ Tensor sq_norm_cuda(at::TensorList tensors, at::TensorList scale) {
     }
   }
   const int64_t slots = sq_norm_partials(static_cast<int64_t>(n), numels.data());
-  if (slots == 0) return at::zeros({}, tensors[0].options().dtype(at::kFloat));
+  bool any_double = false;
+  for (const Tensor& t : tensors) any_double = any_double || t.scalar_type() == at::kDouble;
+  const at::ScalarType result_type = any_double ? at::kDouble : at::kFloat;
+  if (slots == 0) return at::zeros({}, tensors[0].options().dtype(result_type));
   Tensor partials = at::empty({slots}, tensors[0].options().dtype(at::kDouble));
   C10_CUDA_CHECK(launch_sq_norm(static_cast<int64_t>(n), numels.data(), ptrs.data(), codes.data(),
                                 scaled ? scale_ptrs.data() : nullptr, scaled ? scale_codes.data() : nullptr,
                                 partials.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()));
-  return partials.sum().to(at::kFloat);
+  return partials.sum().to(result_type);
 }
 
 void sam_ascent_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved, const Tensor& scale,

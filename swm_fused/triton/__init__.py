@@ -71,7 +71,8 @@ else:
 
     @_sq_norm_op.register_fake
     def _(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
-        return tensors[0].new_empty((), dtype=torch.float32)
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        return tensors[0].new_empty((), dtype=dtype)
 
     @torch.library.custom_op("swm_fused_triton::sam_ascent_", mutates_args=("params", "saved"))
     def _sam_ascent_op(params: List[Tensor], grads: List[Tensor], saved: List[Tensor], scale: Tensor,
@@ -102,7 +103,7 @@ else:
         return _any_nonfinite_op(tensors)
 
     def sq_norm(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
-        """A 0-dim float32 device tensor: ``sum_i sum((scale_i * t_i)**2)``; partial sums stay on the device."""
+        """A 0-dim device tensor (float64 if a tensor is, else float32): ``sum_i sum((scale_i * t_i)**2)``."""
         torch.ops.swm_fused.check_sq_norm(tensors, scale)
         return _sq_norm_op(tensors, list(scale))
 

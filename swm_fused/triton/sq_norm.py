@@ -3,7 +3,7 @@
 One launch per (tensor dtype, scale dtype) group; see ``_multi_tensor`` for the tables. Each program
 squares its tile in the tensor's compute type (float32, float64 for float64 tensors), sums the squares
 in float64 and writes one partial; the partials are added on the device (no host sync) and the total
-is rounded once to float32.
+is rounded once to float32 (kept in float64 when a tensor is float64).
 """
 # No `from __future__ import annotations`: Triton 3.1's interpreter spots constexpr parameters
 # only by their evaluated annotation.
@@ -50,6 +50,7 @@ def sq_norm(tensors: Sequence[Tensor], scale: Sequence[Tensor]) -> Tensor:
             HAS_SCALE=scaled, ROW_WIDTH=len(columns) + 1, ROWS=launch.rows, BLOCK=launch.block,
             ALIGNED=launch.aligned, **LAUNCH_OPTIONS)
         partials.append(partial)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in columns[0]) else torch.float32
     if not partials:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.cat(partials).sum().to(torch.float32)
+        return torch.zeros((), dtype=dtype, device=device)
+    return torch.cat(partials).sum().to(dtype)
