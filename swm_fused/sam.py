@@ -228,6 +228,8 @@ class SAM(Optimizer):
             self._perturbed = None
         first_found, self._first_found_inf = self._first_found_inf, None
         self._steps += 1
+        # An LR scheduler on the wrapper watches for step(); second_step is this optimizer's step too.
+        self._opt_called = True  # type: ignore[attr-defined]
         if scaler is None or not scaler.is_enabled():
             self.base_optimizer.step()
         else:

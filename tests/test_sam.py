@@ -111,6 +111,8 @@ BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4))
 def test_matches_davda54_sam(backend, adaptive, base, dtype):
     """Same model, data and base optimizer for 8 steps: the weights agree to float rounding (the norms
     are summed in another order; the ascent is the same products and sum, rounded the same way)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the interpreted Triton kernels are slow; float64 runs on the other backends")
     base_cls, kwargs = BASES[base]
     rho = 0.5 if adaptive else 0.05
     ours, theirs = make_model(dtype=dtype), make_model(dtype=dtype)
@@ -346,6 +348,7 @@ def test_swa_plus_sam_averages_the_restored_weights():
         assert torch.allclose(avg.double(), mean[name], atol=1e-6, rtol=1e-6), name
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # no "lr_scheduler.step() before optimizer.step()"
 def test_schedulers_work_on_the_wrapper_and_on_the_base_optimizer():
     model = make_model()
     optimizer = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
