@@ -29,6 +29,8 @@ using SwagFn = void(at::TensorList, at::TensorList, at::TensorList, double, cons
 using MergeFn = void(at::TensorList, at::TensorList, at::ArrayRef<double>);
 using AnyNonfiniteFn = at::Tensor(at::TensorList);
 using LerpMultiFn = void(at::TensorList, at::TensorList, at::ArrayRef<double>, const OptTensor&);
+using SqNormFn = at::Tensor(at::TensorList, at::TensorList);
+using SamAscentFn = void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, bool, const OptTensor&);
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> handle(const char* name) {
@@ -68,6 +70,19 @@ at::Tensor any_nonfinite_checked(c10::DispatchKeySet keys, at::TensorList tensor
   return op.redispatch(keys & kAfterBackendSelect, tensors);
 }
 
+at::Tensor sq_norm_checked(c10::DispatchKeySet keys, at::TensorList tensors, at::TensorList scale) {
+  validate::sq_norm_args(tensors, scale);
+  static const auto op = handle<SqNormFn>("swm_fused::sq_norm");
+  return op.redispatch(keys & kAfterBackendSelect, tensors, scale);
+}
+
+void sam_ascent_checked(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads, at::TensorList saved,
+                        const at::Tensor& scale, bool adaptive, const OptTensor& found_inf) {
+  validate::sam_ascent_args(params, grads, saved, scale, found_inf);
+  static const auto op = handle<SamAscentFn>("swm_fused::sam_ascent_");
+  op.redispatch(keys & kAfterBackendSelect, params, grads, saved, scale, adaptive, found_inf);
+}
+
 void check_merge(at::TensorList out, at::TensorList inputs, int64_t num_weights) {
   TORCH_CHECK_VALUE(num_weights >= 0, "num_weights must be >= 0, got ", num_weights);
   validate::merge_args(out, inputs, static_cast<size_t>(num_weights));
@@ -86,6 +101,8 @@ TORCH_LIBRARY_IMPL(swm_fused, BackendSelect, m) {
   m.impl("merge_", &merge_checked);
   m.impl("lerp_multi_", &lerp_multi_checked);
   m.impl("any_nonfinite", &any_nonfinite_checked);
+  m.impl("sq_norm", &sq_norm_checked);
+  m.impl("sam_ascent_", &sam_ascent_checked);
 }
 
 TORCH_LIBRARY_IMPL(swm_fused, CompositeImplicitAutograd, m) {
@@ -94,6 +111,8 @@ TORCH_LIBRARY_IMPL(swm_fused, CompositeImplicitAutograd, m) {
   m.impl("check_merge_", &check_merge);
   m.impl("check_lerp_multi_", &check_lerp_multi);
   m.impl("check_any_nonfinite", &validate::any_nonfinite_args);
+  m.impl("check_sq_norm", &validate::sq_norm_args);
+  m.impl("check_sam_ascent_", &validate::sam_ascent_args);
 }
 
 }  // namespace swm_fused

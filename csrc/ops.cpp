@@ -21,6 +21,12 @@ TORCH_LIBRARY(swm_fused, m) {
   // avgs holds the K = len(weights) lists back to back (k-major: avgs[k * len(src) + i]).
   m.def("lerp_multi_(Tensor(a!)[] avgs, Tensor[] src, float[] weights, Tensor? found_inf) -> ()");
   m.def("any_nonfinite(Tensor[] tensors) -> Tensor");
+  // SAM: sum of (scale * t)^2 over every tensor (scale empty: no scale), one 0-dim tensor (float64 when
+  // a tensor is float64, else float32);
+  // saved <- params and params <- params + scale * (params^2 if adaptive else 1) * grads, one pass.
+  m.def("sq_norm(Tensor[] tensors, Tensor[] scale) -> Tensor");
+  m.def("sam_ascent_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saved, Tensor scale, bool adaptive, "
+        "Tensor? found_inf) -> ()");
   // The validator alone, with the list arguments of the op above of the same name: the Python
   // backends (reference, triton) call these before running, so every backend checks the same rules.
   m.def("check_lerp_(Tensor[] avg, Tensor[] src, Tensor? weight_tensor, Tensor? found_inf) -> ()");
@@ -28,4 +34,6 @@ TORCH_LIBRARY(swm_fused, m) {
   m.def("check_merge_(Tensor[] out, Tensor[] inputs, int num_weights) -> ()");
   m.def("check_lerp_multi_(Tensor[] avgs, Tensor[] src, int num_weights, Tensor? found_inf) -> ()");
   m.def("check_any_nonfinite(Tensor[] tensors) -> ()");
+  m.def("check_sq_norm(Tensor[] tensors, Tensor[] scale) -> ()");
+  m.def("check_sam_ascent_(Tensor[] params, Tensor[] grads, Tensor[] saved, Tensor scale, Tensor? found_inf) -> ()");
 }

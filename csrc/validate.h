@@ -150,4 +150,24 @@ inline void lerp_multi_args(at::TensorList avgs, at::TensorList src, size_t n_we
 // Only floating tensors reach any_nonfinite: swm_fused/ops.py leaves out the others, which cannot hold NaN.
 inline void any_nonfinite_args(at::TensorList tensors) { check_lists({{"tensors", tensors, Role::Read}}); }
 
+// sq_norm: `scale` is empty (no scale) or pairs with `tensors`, position by position.
+inline void sq_norm_args(at::TensorList tensors, at::TensorList scale) {
+  if (scale.empty()) {
+    check_lists({{"tensors", tensors, Role::Read}});
+  } else {
+    check_lists({{"tensors", tensors, Role::Read}, {"scale", scale, Role::Read}});
+  }
+}
+
+// sam_ascent_: params and saved are written (saved gets the params' values), grads are read; `scale`
+// is a one-element tensor on the params' device.
+inline void sam_ascent_args(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& found_inf) {
+  check_scalar_tensor("found_inf", found_inf, params);
+  check_scalar_tensor("scale", scale, params);
+  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "scale has dtype ", python_dtype(scale.scalar_type()),
+                   "; it must be floating point");
+  check_lists({{"params", params, Role::Written}, {"grads", grads, Role::Read}, {"saved", saved, Role::Written}});
+}
+
 }  // namespace swm_fused::validate

@@ -38,3 +38,15 @@ def _lerp_multi_fake(avgs: List[Tensor], src: List[Tensor], weights: List[float]
 @torch.library.register_fake("swm_fused::any_nonfinite")
 def _any_nonfinite_fake(tensors: List[Tensor]) -> Tensor:
     return tensors[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("swm_fused::sq_norm")
+def _sq_norm_fake(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return tensors[0].new_empty((), dtype=dtype)
+
+
+@torch.library.register_fake("swm_fused::sam_ascent_")
+def _sam_ascent_fake(params: List[Tensor], grads: List[Tensor], saved: List[Tensor], scale: Tensor, adaptive: bool,
+                     found_inf: Optional[Tensor]) -> None:
+    return None

@@ -1,4 +1,4 @@
-"""Train K trajectories on real data (scikit-learn's digits) and compare SGD, EMA, SWA, SWM and the ensemble.
+"""Train K trajectories on real data (scikit-learn's digits) and compare SGD, EMA, SWA, SAM + SWA, SWM and the ensemble.
 
 All K trajectories start from one shared initialisation and differ only in the order
 of the training data and their dropout masks. Each keeps an SWA average
@@ -8,6 +8,11 @@ model in the table, the SGD iterates included, is scored after update_bn recompu
 its BatchNorm statistics on the training set, so rows differ only in their weights.
 The prediction ensemble of the K final SGD models is the reference that one merged
 model approximates at K times lower inference cost.
+
+The "SAM + SWA" row trains K more runs from the same init, each with its SGD twin's data order
+and dropout seed, with swm_fused.sam.SAM around the same SGD and an SWA phase at the same fraction
+of its epochs. SAM evaluates two gradients per step, so these runs get half the epochs: the same
+budget counted in gradient evaluations (the output prints both counts).
 
 The defaults (constant lr 0.05, SWA over the last 40% of the epochs, EMA decay 0.998)
 came from a settings search on seeds 100-102 and were checked on seeds 0-9: EMA, SWA and
@@ -50,11 +55,22 @@ class Settings:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     anneal_epochs: int = 4        # SWALR's cosine ramp from lr to swa_lr, at the start of the SWA phase
+    sam_rho: float = 0.05         # SAM's neighbourhood radius for the "SAM + SWA" row
 
     @property
     def swa_start_epoch(self) -> int:
         """Epochs trained at ``lr`` before the SWA phase; the phase (at least one epoch) is the rest."""
         return min(self.epochs - 1, max(1, round(self.epochs * self.swa_start)))
+
+    @property
+    def sam_epochs(self) -> int:
+        """Epochs of the SAM runs: half the SGD runs' (rounded down), as SAM evaluates two gradients per step."""
+        return max(1, self.epochs // 2)
+
+    @property
+    def sam_swa_start_epoch(self) -> int:
+        """The SAM runs' SWA phase starts at the same fraction of their epochs (at least one epoch of SWA)."""
+        return min(self.sam_epochs - 1, max(1, round(self.sam_epochs * self.swa_start)))
 
     def check(self) -> None:
         """ValueError naming the first setting out of range, by its flag where it has one."""
@@ -69,6 +85,8 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
         if not 0.0 < self.swa_start < 1.0:
             raise ValueError(f"--swa-start must be in (0, 1), got {self.swa_start}")
+        if not (math.isfinite(self.sam_rho) and self.sam_rho >= 0.0):
+            raise ValueError(f"--sam-rho must be a finite number >= 0, got {self.sam_rho}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.width < 1 or not 0.0 <= self.dropout < 1.0 or self.weight_decay < 0 or self.anneal_epochs < 1 \
@@ -86,6 +104,7 @@ FLAG_HELP = {
     "swa_start": "fraction of the epochs before the SWA phase starts (default: %(default)s)",
     "ema_decay": "EMA decay per step (default: %(default)s)",
     "batch_size": "minibatch size (default: %(default)s)",
+    "sam_rho": "SAM's rho for the SAM + SWA row (default: %(default)s)",
 }
 
 
@@ -258,6 +277,52 @@ def train_trajectory(index: int, init: StateDict, data: Data, settings: Settings
 
 
 @dataclass
+class SamTrajectory:
+    """One SAM run: its SWA average and the gradient evaluations it took."""
+
+    swa: StateDict
+    grad_evals: int
+
+
+def train_sam_trajectory(index: int, init: StateDict, data: Data, settings: Settings,
+                         on_epoch: Callable[[], None]) -> SamTrajectory:
+    """SAM (swm_fused.sam.SAM around the same SGD) for half the epochs, on trajectory ``index``'s data order,
+    with an SWA phase under SWALR at the same fraction of its epochs. Each step evaluates two gradients;
+    the second forward runs under sam_bn_bypass so BatchNorm statistics come from the first pass only."""
+    from .averager import WeightAverager
+    from .sam import SAM, sam_bn_bypass
+    from .swa_utils import SWALR
+
+    device = data.x_train.device
+    torch.manual_seed(settings.seed * 1000 + index + 1)  # the SGD trajectory's dropout seed
+    order = torch.Generator().manual_seed(settings.seed * 1000 + index + 1)  # and its data order
+    model = make_model(settings).to(device)
+    model.load_state_dict(init)
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=settings.sam_rho, lr=settings.lr,
+                    momentum=settings.momentum, weight_decay=settings.weight_decay)
+    scheduler = SWALR(optimizer, swa_lr=settings.swa_lr, anneal_epochs=settings.anneal_epochs)
+    swa = WeightAverager(model, mode="swa")
+    grad_evals = 0
+    for epoch in range(settings.sam_epochs):
+        in_swa_phase = epoch >= settings.sam_swa_start_epoch
+        if in_swa_phase:
+            scheduler.step()
+        model.train()
+        for xb, yb in batches(data.x_train, data.y_train, settings.batch_size, order):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            optimizer.first_step(zero_grad=True)
+            with sam_bn_bypass(model):
+                nn.functional.cross_entropy(model(xb), yb).backward()
+            optimizer.second_step()
+            grad_evals += 2
+        if in_swa_phase:
+            swa.update()  # after second_step: the restored, stepped weights, never w + e_w
+        on_epoch()
+    return SamTrajectory(swa=_clone(swa.average_state_dict()), grad_evals=grad_evals)
+
+
+@dataclass
 class Row:
     """One line of the results table."""
 
@@ -281,6 +346,7 @@ class Report:
     fused_seconds: float
     torch_seconds: float
     ema_updates: int
+    grad_evals: Tuple[int, int] = (0, 0)  # per trajectory: (SGD runs, SAM runs)
 
     def row(self, prefix: str) -> Row:
         """The table row whose name starts with ``prefix``."""
@@ -307,10 +373,13 @@ def compare(settings: Settings, progress: bool = True) -> Report:
         torch.manual_seed(settings.seed)
         init = make_model(settings).to(device).state_dict()  # the shared initialisation
         runs: List[Trajectory] = []
-        with tqdm(total=settings.trajectories * settings.epochs, desc="training", unit="epoch",
-                  disable=not progress) as bar:
+        sam_runs: List[SamTrajectory] = []
+        with tqdm(total=settings.trajectories * (settings.epochs + settings.sam_epochs), desc="training",
+                  unit="epoch", disable=not progress) as bar:
             for k in range(settings.trajectories):
                 runs.append(train_trajectory(k, init, data, settings, lambda: bar.update(1)))
+            for k in range(settings.trajectories):
+                sam_runs.append(train_sam_trajectory(k, init, data, settings, lambda: bar.update(1)))
         evaluator = Evaluator(data, settings)
         with tqdm(total=4, desc="evaluating", disable=not progress, leave=False) as bar:
             sgd = _mean_scores(evaluator, [r.final for r in runs])
@@ -319,6 +388,7 @@ def compare(settings: Settings, progress: bool = True) -> Report:
             bar.update(1)
             ema = _mean_scores(evaluator, [r.ema for r in runs])
             swa = _mean_scores(evaluator, [r.swa for r in runs])
+            sam_swa = _mean_scores(evaluator, [r.swa for r in sam_runs])
             bar.update(1)
             swm = evaluator.scores(merge_trajectories([r.swa for r in runs]))
             bar.update(1)
@@ -330,13 +400,15 @@ def compare(settings: Settings, progress: bool = True) -> Report:
     rows = [Row("SGD (last iterate, mean of K)", *sgd, "1x"),
             Row("EMA (mean of K)", *ema, "1x"),
             Row("SWA (mean of K)", *swa, "1x"),
+            Row("SAM + SWA (mean of K, same grad evals)", *sam_swa, "1x"),
             Row(f"SWM merge of the {k} SWA averages", *swm, "1x"),
             Row(f"ensemble of the {k} SGD models", *ensemble, f"{k}x")]
     return Report(settings=settings, n_train=len(data.x_train), n_test=len(data.x_test),
                   n_params=sum(t.numel() for t in runs[0].final.values()), rows=rows,
                   barrier_losses=line.losses, barrier=line.barrier,
                   fused_seconds=sum(r.fused_seconds for r in runs), torch_seconds=sum(r.torch_seconds for r in runs),
-                  ema_updates=sum(r.ema_updates for r in runs))
+                  ema_updates=sum(r.ema_updates for r in runs),
+                  grad_evals=(runs[0].ema_updates, sam_runs[0].grad_evals))
 
 
 def _parse_device(name: str) -> torch.device:
@@ -354,8 +426,10 @@ def verdict(report: Report) -> str:
     """One plain sentence per averaged model: whether it beat the SGD last iterate on this run."""
     sgd = report.row("SGD")
     sentences = [f"On this run (one test image is {100 / report.n_test:.2f} points of accuracy):"]
-    for prefix, label in (("EMA", "EMA"), ("SWA", "SWA"), ("SWM", "The SWM merge")):
-        row = report.row(prefix)
+    for prefix, label in (("EMA", "EMA"), ("SWA", "SWA"), ("SAM + SWA", "SAM + SWA"), ("SWM", "The SWM merge")):
+        row = next((r for r in report.rows if r.name.startswith(prefix)), None)
+        if row is None:
+            continue
         better = {"accuracy": row.accuracy > sgd.accuracy, "NLL": row.nll < sgd.nll}
         change = f"{row.accuracy - sgd.accuracy:+.2f} points accuracy, {row.nll - sgd.nll:+.4f} NLL"
         if all(better.values()):
@@ -385,6 +459,11 @@ def format_report(report: Report) -> str:
     lines += [
         "",
         verdict(report),
+        "",
+        f"SAM + SWA: {s.sam_epochs} epochs of SAM (rho {s.sam_rho}) around the same SGD, SWA phase from its epoch "
+        f"{s.sam_swa_start_epoch + 1}; SAM evaluates two gradients per step, so it took {report.grad_evals[1]:,} "
+        f"gradient evaluations per trajectory against {report.grad_evals[0]:,} for the SGD rows. At equal epochs "
+        "it would cost 2x.",
         "",
         f"interpolation barrier between the SWA averages of trajectories 1 and 2: {report.barrier:.4f} test NLL",
         "  test NLL along the line: " + " ".join(f"{v:.3f}" for v in report.barrier_losses),

@@ -151,6 +151,15 @@ def _check_any_nonfinite(tensors: List[Tensor]) -> None:
     _validator().check_any_nonfinite(tensors)
 
 
+def _check_sq_norm(tensors: List[Tensor], scale: List[Tensor]) -> None:
+    _validator().check_sq_norm(tensors, scale)
+
+
+def _check_sam_ascent(params: List[Tensor], grads: List[Tensor], saved: List[Tensor], scale: Tensor,
+                      found_inf: Optional[Tensor]) -> None:
+    _validator().check_sam_ascent_(params, grads, saved, scale, found_inf)
+
+
 def ema_(avg: TensorList, src: TensorList, decay: float, *, found_inf: Optional[Tensor] = None) -> None:
     """Exponential moving average, in place: ``avg = decay * avg + (1 - decay) * src``.
 
@@ -374,3 +383,51 @@ class BoundLists:
         if not self._has_floating[index] or self._compiled((index,), floating_only=True) is None:
             return any_nonfinite(self._lists[index])
         return self._call("any_nonfinite", "any_nonfinite", (index,), 0)
+
+
+def sq_norm(tensors: TensorList, *, scale: Optional[TensorList] = None) -> Tensor:
+    """The squared L2 norm of a whole list, as a 0-dim tensor on its device: ``sum_i sum((scale_i * t_i)**2)``.
+
+    One multi-tensor reduction; never synchronises with the host. ``scale`` (optional) is a list
+    paired with ``tensors`` by position (SAM's adaptive variant, ASAM, passes the weights: the norm
+    of ``|w| * g``). Each square is computed in the tensor's compute type (float32, float64 for
+    float64 tensors), the squares are summed in float64, and the total is rounded once to float32,
+    the result's dtype (float64, unrounded, when any of ``tensors`` is float64). The summation order
+    is the backend's, so backends agree to about one rounding of the result.
+    """
+    tensor_list = _as_list("sq_norm", "tensors", tensors)
+    scale_list: List[Tensor] = [] if scale is None else _as_list("sq_norm", "scale", scale)
+    if scale is not None and not scale_list and tensor_list:
+        # The kernels read an empty scale list as "no scale"; an empty list given by the caller is a length error.
+        raise ValueError(f"sq_norm: tensors has {len(tensor_list)} tensors but scale has 0")
+    if not tensor_list:
+        _prefixed("sq_norm", "check_sq_norm", tensor_list, scale_list)
+        return torch.zeros((), dtype=torch.float32, device=torch.device("cpu"))
+    args = [tensors] if scale is None else [tensors, scale]
+    return _run("sq_norm", "sq_norm", [tensor_list, scale_list], args, _check_sq_norm,
+                pack=lambda lists: (lists[0], lists[1] if len(lists) > 1 else []))  # no scale: an empty list
+
+
+def sam_ascent_(params: TensorList, grads: TensorList, saved: TensorList, scale: Tensor, *,
+                adaptive: bool = False, found_inf: Optional[Tensor] = None) -> None:
+    """SAM's ascent in one pass, in place: ``saved = w`` and ``w = w + scale * (w*w if adaptive else 1) * g``.
+
+    ``scale`` is a one-element tensor on the params' device (SAM: ``rho / (norm + 1e-12)``), read on
+    the device. The arithmetic is davda54/sam's per-parameter code, ``e_w = ((w*w) * g) * scale``
+    (``g * scale`` without ``adaptive``), then ``w + e_w``, each product and the sum rounded
+    separately in the params' compute type (float32, float64 for float64 params); ``saved`` gets
+    ``w`` exactly when its dtype is the params'. When ``found_inf`` is non-zero the params are left
+    as they are, but ``saved`` is still written, so a restore from it stays exact.
+    """
+    params_list = _as_list("sam_ascent_", "params", params)
+    grads_list = _as_list("sam_ascent_", "grads", grads)
+    saved_list = _as_list("sam_ascent_", "saved", saved)
+    if not isinstance(scale, Tensor):
+        raise TypeError(f"sam_ascent_: scale must be a one-element Tensor, got {type(scale).__name__}")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"sam_ascent_: adaptive must be a bool, got {type(adaptive).__name__}")
+    _check_flag_type("sam_ascent_", found_inf)
+    if not params_list:
+        return _prefixed("sam_ascent_", "check_sam_ascent_", params_list, grads_list, saved_list, scale, found_inf)
+    _run("sam_ascent_", "sam_ascent_", [params_list, grads_list, saved_list], [params, grads, saved],
+         _check_sam_ascent, (scale, adaptive, found_inf), (scale, found_inf))

@@ -544,3 +544,6 @@ class EMA(_AveragingOptimizer):
         averages = self._check_legacy(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self._load_legacy(averages)
+
+from .sam import SAM, sam_bn_bypass, sam_no_sync  # noqa: E402  (sharpness-aware minimisation, docs/sam.md)
+__all__ += ["SAM", "sam_bn_bypass", "sam_no_sync"]

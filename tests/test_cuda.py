@@ -91,12 +91,17 @@ def test_no_host_sync(backend):
                 swm_fused.swa_(a, s, n, found_inf=flag)
                 swm_fused.swag_(a, q, s, n, found_inf=flag)
                 swm_fused.merge_(o, [a, s, q], [0.5, -0.25, 0.125])
+                saved = [torch.empty_like(t) for t in a]  # SAM: norm, ascent and restore, all on the device
+                norm = swm_fused.sq_norm(s, scale=a)
+                swm_fused.sam_ascent_(a, s, saved, 0.05 / (norm.sqrt() + 1e-12), adaptive=True, found_inf=flag)
+                swm_fused.sam_ascent_(q, s, saved, 0.05 / (swm_fused.sq_norm(s).sqrt() + 1e-12))
+                swm_fused.merge_(q, [saved], [1.0])
                 flag = swm_fused.any_nonfinite(s_bad)  # a NaN: these steps must be skipped, still without a sync
                 swm_fused.ema_(a, s_bad, 0.5, found_inf=flag)
                 swm_fused.swag_(a, q, s_bad, n, found_inf=flag)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        return a + q + o
+        return a + q + o + [norm.reshape(1)]
 
     torch.cuda.set_sync_debug_mode("error")
     try:

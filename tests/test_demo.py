@@ -28,7 +28,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1",
 DEMO = [sys.executable, "-m", "swm_fused", "demo"]
 TINY = ["--trajectories", "2", "--epochs", "3"]
 ROW = re.compile(r"^\| (?P<name>[^|]+?) +\| +(?P<acc>\S+)% \| +(?P<nll>\S+) \| +(?P<cost>\S+) \|$")
-ROW_PREFIXES = ("SGD (last iterate", "EMA", "SWA", "SWM merge", "ensemble")
+ROW_PREFIXES = ("SGD (last iterate", "EMA", "SWA", "SAM + SWA", "SWM merge", "ensemble")
 
 
 class Result(NamedTuple):
@@ -84,14 +84,17 @@ def test_demo_prints_every_row(runs):
     for row in rows:
         assert 0.0 <= row.accuracy <= 100.0, row
         assert math.isfinite(row.nll) and row.nll >= 0.0, row
-    assert [r.cost for r in rows] == ["1x"] * 4 + ["2x"]
+    assert [r.cost for r in rows] == ["1x"] * 5 + ["2x"]
+    sam = re.search(r"SAM evaluates two gradients per step, so it took (\S+) gradient evaluations per trajectory "
+                    r"against (\S+) for the SGD rows", result.stdout)
+    assert sam and 0 < int(sam[1].replace(",", "")) <= int(sam[2].replace(",", "")), result.stdout
     barrier = re.search(r"interpolation barrier .*: (\S+) test NLL\n  test NLL along the line: (.*)", result.stdout)
     assert barrier, result.stdout
     assert float(barrier[1]) >= 0.0 and len(barrier[2].split()) == 11
     timing = re.search(r"WeightAverager.update (\S+) us, torch AveragedModel.update_parameters .* (\S+) us "
                        r"\((\S+)x\)", result.stdout)
     assert timing and all(float(v) > 0 for v in timing.groups()), result.stdout
-    for label in ("EMA", "SWA", "The SWM merge"):
+    for label in ("EMA", "SWA", "SAM \\+ SWA", "The SWM merge"):
         assert re.search(rf"{label} (beat|did not beat) the SGD last iterate", result.stdout), result.stdout
     assert "training" in result.stderr  # the progress bar
 
@@ -122,6 +125,7 @@ def test_bad_value_exits_1_with_one_line(runs):
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--batch-size", "1"], "--batch-size must be at least 2"),
     (["--seed", "-3"], "--seed must be >= 0"),
+    (["--sam-rho", "-1"], "--sam-rho must be a finite number >= 0"),
     (["--device", "no-such-device"], "--device 'no-such-device' is not usable here"),
 ])
 def test_bad_values_in_process(capsys, argv, message):
@@ -191,11 +195,13 @@ def test_rows_are_computed_from_the_averagers(monkeypatch, fresh_seed):
             lp, data.y_test).item()
 
     emas = [s for s in SpyAverager.instances if s.mode == "ema"]
-    swas = [s for s in SpyAverager.instances if s.mode == "swa"]
-    assert len(emas) == len(swas) == settings.trajectories
+    all_swas = [s for s in SpyAverager.instances if s.mode == "swa"]
+    swas, sam_swas = all_swas[:settings.trajectories], all_swas[settings.trajectories:]  # SGD runs train first
+    assert len(emas) == len(swas) == len(sam_swas) == settings.trajectories
     steps = math.ceil(len(data.x_train) / settings.batch_size)
     assert all(len(s.snapshots) == steps * settings.epochs for s in emas)
     assert all(len(s.snapshots) == settings.epochs - settings.swa_start_epoch for s in swas)
+    assert all(len(s.snapshots) == settings.sam_epochs - settings.sam_swa_start_epoch for s in sam_swas)
 
     finals = [s.snapshots[-1] for s in emas]  # the EMA sees every step, the last one included
     ema_avgs = [oracle_ema(s.snapshots, settings.ema_decay) for s in emas]
@@ -211,6 +217,7 @@ def test_rows_are_computed_from_the_averagers(monkeypatch, fresh_seed):
         "SGD": mean_score(finals),
         "EMA": mean_score(ema_avgs),
         "SWA": mean_score(swa_avgs),
+        "SAM + SWA": mean_score([oracle_mean(s.snapshots) for s in sam_swas]),
         "SWM": score(log_probs(oracle_mean(swa_avgs))),
         "ensemble": score(final_probs.clamp_min(1e-12).log()),
     }
@@ -225,12 +232,14 @@ def test_rows_are_computed_from_the_averagers(monkeypatch, fresh_seed):
     assert report.barrier_losses[-1] == pytest.approx(swa_nll[1], rel=1e-5, abs=1e-7)
     assert report.barrier_losses[5] == pytest.approx(expected["SWM"][1], rel=1e-5, abs=1e-7)
     assert report.ema_updates == steps * settings.epochs * settings.trajectories
+    assert report.grad_evals == (steps * settings.epochs, 2 * steps * settings.sam_epochs)
 
 
 def test_verdict_follows_the_numbers():
     rows = [demo.Row("SGD (last iterate, mean of K)", 97.0, 0.10, "1x"),
             demo.Row("EMA (mean of K)", 96.5, 0.09, "1x"),
             demo.Row("SWA (mean of K)", 97.5, 0.08, "1x"),
+            demo.Row("SAM + SWA (mean of K, same grad evals)", 97.0, 0.11, "1x"),
             demo.Row("SWM merge of the 2 SWA averages", 96.0, 0.12, "1x"),
             demo.Row("ensemble of the 2 SGD models", 98.0, 0.07, "2x")]
     report = demo.Report(settings=demo.Settings(), n_train=1, n_test=1, n_params=1, rows=rows,
@@ -239,6 +248,7 @@ def test_verdict_follows_the_numbers():
     assert "EMA beat the SGD last iterate in NLL but not in accuracy (-0.50 points accuracy, -0.0100 NLL)." in text
     assert "SWA beat the SGD last iterate in both accuracy and NLL (+0.50 points accuracy, -0.0200 NLL)." in text
     assert "The SWM merge did not beat the SGD last iterate in accuracy or NLL" in text
+    assert "SAM + SWA did not beat the SGD last iterate in accuracy or NLL (+0.00 points accuracy, +0.0100 NLL)." in text
 
 
 def test_missing_scikit_learn_is_one_line(monkeypatch, capsys):

@@ -45,6 +45,12 @@ def _every_op(device: torch.device) -> None:
     swm_fused.merge_(out, [avg, src, sq], [0.5, -0.25, 0.75])
     swm_fused.merge_(out, [avg, src], torch.tensor([0.5, 0.5]))
     swm_fused.ema_(flat_avg, flat_src, 0.9, found_inf=swm_fused.any_nonfinite(flat_src))
+    saved = [torch.empty_like(a) for a in avg]
+    scale = 0.05 / (swm_fused.sq_norm(src, scale=avg).sqrt() + 1e-12)
+    swm_fused.sam_ascent_(avg, src, saved, scale, adaptive=True, found_inf=flag)
+    swm_fused.sam_ascent_(avg, src, saved, 0.05 / (swm_fused.sq_norm(src).sqrt() + 1e-12))
+    swm_fused.merge_(avg, [saved], [1.0])  # SAM's restore
+    swm_fused.sq_norm(flat_src, scale=flat_avg)
 
 
 @pytest.mark.parametrize("row", rows(), ids=row_id)

@@ -291,6 +291,73 @@ Tensor any_nonfinite_cuda(at::TensorList tensors) {
   return flag;
 }
 
+// sum_i sum((scale_i * t_i)^2): float64 partials per chunk from the kernels, added by a torch sum on the
+// same stream (deterministic), rounded once to float32 (kept in float64 when a tensor is float64).
+Tensor sq_norm_cuda(at::TensorList tensors, at::TensorList scale) {
+  const at::Device device = tensors[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const size_t n = tensors.size();
+  const bool scaled = !scale.empty();
+  Inputs inputs(2 * n);
+  std::vector<int64_t> numels(n);
+  std::vector<const void*> ptrs(n), scale_ptrs(scaled ? n : 0);
+  std::vector<int32_t> codes(n), scale_codes(scaled ? n : 0);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor t = inputs.add(tensors[i], at::kFloat);
+    numels[i] = t.numel();
+    ptrs[i] = t.const_data_ptr();
+    codes[i] = dtype_code(t.scalar_type());
+    if (scaled) {
+      const Tensor s = inputs.add(scale[i], at::kFloat);
+      scale_ptrs[i] = s.const_data_ptr();
+      scale_codes[i] = dtype_code(s.scalar_type());
+    }
+  }
+  const int64_t slots = sq_norm_partials(static_cast<int64_t>(n), numels.data());
+  bool any_double = false;
+  for (const Tensor& t : tensors) any_double = any_double || t.scalar_type() == at::kDouble;
+  const at::ScalarType result_type = any_double ? at::kDouble : at::kFloat;
+  if (slots == 0) return at::zeros({}, tensors[0].options().dtype(result_type));
+  Tensor partials = at::empty({slots}, tensors[0].options().dtype(at::kDouble));
+  C10_CUDA_CHECK(launch_sq_norm(static_cast<int64_t>(n), numels.data(), ptrs.data(), codes.data(),
+                                scaled ? scale_ptrs.data() : nullptr, scaled ? scale_codes.data() : nullptr,
+                                partials.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()));
+  return partials.sum().to(result_type);
+}
+
+void sam_ascent_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved, const Tensor& scale,
+                     bool adaptive, const std::optional<Tensor>& found_inf) {
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const size_t n = params.size();
+  Outputs ps(params);
+  Outputs ss(saved);
+  Inputs inputs(n);
+  std::vector<int64_t> numels(n);
+  std::vector<void*> param_ptrs(n), saved_ptrs(n);
+  std::vector<const void*> grad_ptrs(n);
+  std::vector<int32_t> param_codes(n), grad_codes(n), saved_codes(n);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor g = inputs.add(grads[i], at::kFloat);
+    numels[i] = ps[i].numel();
+    param_ptrs[i] = ps[i].data_ptr();
+    param_codes[i] = dtype_code(ps[i].scalar_type());
+    grad_ptrs[i] = g.const_data_ptr();
+    grad_codes[i] = dtype_code(g.scalar_type());
+    saved_ptrs[i] = ss[i].data_ptr();
+    saved_codes[i] = dtype_code(ss[i].scalar_type());
+  }
+  Tensor scale_keep, found_keep;
+  const double* scale_dev = scalar_pointer<double>(scale, at::kDouble, scale_keep);
+  const float* found_dev = scalar_pointer<float>(found_inf, at::kFloat, found_keep);
+  C10_CUDA_CHECK(launch_sam_ascent(static_cast<int64_t>(n), numels.data(), param_ptrs.data(), param_codes.data(),
+                                   grad_ptrs.data(), grad_codes.data(), saved_ptrs.data(), saved_codes.data(),
+                                   scale_dev, adaptive, found_dev, c10::cuda::getCurrentCUDAStream()));
+  ps.finish();
+  ss.finish();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(swm_fused, CUDA, m) {
@@ -299,6 +366,8 @@ TORCH_LIBRARY_IMPL(swm_fused, CUDA, m) {
   m.impl("swag_", &swag_cuda);
   m.impl("merge_", &merge_cuda);
   m.impl("any_nonfinite", &any_nonfinite_cuda);
+  m.impl("sq_norm", &sq_norm_cuda);
+  m.impl("sam_ascent_", &sam_ascent_cuda);
 }
 
 }  // namespace swm_fused_cuda

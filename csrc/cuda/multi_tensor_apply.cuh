@@ -70,6 +70,26 @@ cudaError_t launch_merge(int64_t n, const int64_t* numels, void* const* outs, co
 cudaError_t launch_any_nonfinite(int64_t n, const int64_t* numels, const void* const* tensors,
                                  const int32_t* dtypes, float* flag_dev, cudaStream_t stream);
 
+// Slots of the float64 workspace launch_sq_norm writes: one per kChunkSize-element chunk of every
+// non-empty tensor (the caller sums them).
+int64_t sq_norm_partials(int64_t n, const int64_t* numels);
+
+// partials[c] <- sum over chunk c of (scale * t)^2 (scales == nullptr: no scale): each square in the
+// tensor's compute type (float64 for float64 tensors, else float32), summed in float64 in a fixed
+// order (deterministic). `partials` has sq_norm_partials(n, numels) slots, chunks numbered tensor by
+// tensor in list order.
+cudaError_t launch_sq_norm(int64_t n, const int64_t* numels, const void* const* tensors, const int32_t* dtypes,
+                           const void* const* scales, const int32_t* scale_dtypes, double* partials,
+                           cudaStream_t stream);
+
+// saved[i] <- params[i]; params[i] <- params[i] + ((params^2 if adaptive) * grads[i]) * (*scale_dev), in the
+// params' compute type, products and sum rounded separately. When *found_inf_dev != 0 the params are not
+// written (saved still is).
+cudaError_t launch_sam_ascent(int64_t n, const int64_t* numels, void* const* params, const int32_t* param_dtypes,
+                              const void* const* grads, const int32_t* grad_dtypes, void* const* saved,
+                              const int32_t* saved_dtypes, const double* scale_dev, bool adaptive,
+                              const float* found_inf_dev, cudaStream_t stream);
+
 }  // namespace swm_fused_cuda
 
 #if defined(__CUDACC__)
@@ -78,6 +98,7 @@ cudaError_t launch_any_nonfinite(int64_t n, const int64_t* numels, const void* c
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace swm_fused_cuda {
@@ -210,6 +231,49 @@ __global__ void __launch_bounds__(kBlockSize) multi_tensor_kernel(const TensorTa
   for (int i = scalar_from + static_cast<int>(threadIdx.x); i < len; i += kBlockSize) op.template apply<1>(chunk, i);
 }
 
+// Reduction ops (those that define `Acc`) instead return an Acc from apply<N>(chunk, i) and get
+// finish(chunk, total) called once per block, by thread 0, with the block's sum. The sum runs in a
+// fixed order for a fixed block size, so results repeat bit for bit.
+template <typename Op, typename = void> struct is_reduction : std::false_type {};
+template <typename Op> struct is_reduction<Op, std::void_t<typename Op::Acc>> : std::true_type {};
+
+template <typename Acc> __device__ __forceinline__ Acc block_sum(Acc value) {
+  __shared__ Acc warp_sums[kBlockSize / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();
+  Acc total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kBlockSize / 32; ++w) total += warp_sums[w];
+  }
+  return total;  // meaningful in thread 0 only
+}
+
+template <typename Op>
+__global__ void __launch_bounds__(kBlockSize) multi_tensor_reduce_kernel(const TensorTable<Op::kDepth> table,
+                                                                         const Op op) {
+  const int t = tensor_of_block(table, static_cast<int>(blockIdx.x));
+  const int64_t start = static_cast<int64_t>(static_cast<int>(blockIdx.x) - table.first_block[t]) * kChunkSize;
+  const int64_t remaining = table.numel[t] - start;
+  const int len = remaining < kChunkSize ? static_cast<int>(remaining) : kChunkSize;
+  const typename Op::Chunk chunk = op.chunk(table, t, start);
+  constexpr int V = Op::kVec;
+  typename Op::Acc acc = 0;
+  int scalar_from = 0;
+  if (op.aligned(chunk)) {
+    const int n_vec = len / V;
+    for (int v = threadIdx.x; v < n_vec; v += kBlockSize) acc += op.template apply<V>(chunk, v * V);
+    scalar_from = n_vec * V;
+  }
+  for (int i = scalar_from + static_cast<int>(threadIdx.x); i < len; i += kBlockSize) {
+    acc += op.template apply<1>(chunk, i);
+  }
+  const typename Op::Acc total = block_sum(acc);
+  if (threadIdx.x == 0) op.finish(chunk, total);
+}
+
 // Runs `op` over the tensors listed in `members` (indices into the launcher's arrays) in as few launches
 // as the table allows; pointer(d, idx) gives operand d of tensor idx.
 template <typename Op, typename PointerFn>
@@ -222,7 +286,11 @@ cudaError_t multi_tensor_apply(const std::vector<int64_t>& members, const int64_
   int64_t blocks = 0;
   auto launch = [&]() -> cudaError_t {
     table.num_tensors = slot;
-    multi_tensor_kernel<Op><<<static_cast<unsigned int>(blocks), kBlockSize, 0, stream>>>(table, op);
+    if constexpr (is_reduction<Op>::value) {
+      multi_tensor_reduce_kernel<Op><<<static_cast<unsigned int>(blocks), kBlockSize, 0, stream>>>(table, op);
+    } else {
+      multi_tensor_kernel<Op><<<static_cast<unsigned int>(blocks), kBlockSize, 0, stream>>>(table, op);
+    }
     slot = 0;
     blocks = 0;
     return cudaGetLastError();

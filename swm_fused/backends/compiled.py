@@ -20,7 +20,7 @@ except ImportError as exc:
     IMPORT_ERROR = f"extension not built: {exc}"
 
 # The ops with device kernels (the check_* ops have one kernel for every device).
-KERNEL_OPS = ("lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite")
+KERNEL_OPS = ("lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite", "sq_norm", "sam_ascent_")
 
 
 def has_kernels(dispatch_key: str) -> bool:
@@ -55,3 +55,14 @@ def merge_(outs: List[Tensor], inputs: Sequence[List[Tensor]], weights: List[flo
 def any_nonfinite(tensors: List[Tensor]) -> Tensor:
     """0-dim float32 tensor: 1.0 if any element of any (floating) tensor is NaN or Inf, else 0.0."""
     return torch.ops.swm_fused.any_nonfinite(tensors)
+
+
+def sq_norm(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
+    """0-dim float32 tensor: sum over the tensors of (scale * t)^2 (``scale`` empty: no scale)."""
+    return torch.ops.swm_fused.sq_norm(tensors, scale)
+
+
+def sam_ascent_(params: List[Tensor], grads: List[Tensor], saved: List[Tensor], scale: Tensor, adaptive: bool,
+                found_inf: Optional[Tensor]) -> None:
+    """saved <- w; w <- w + ((w*w if adaptive else 1) * g) * scale, one pass; w unchanged when found_inf != 0."""
+    torch.ops.swm_fused.sam_ascent_(params, grads, saved, scale, adaptive, found_inf)

@@ -15,6 +15,10 @@ Primitives (shared by every backend):
     merge_(outs, inputs, weights)
         out <- sum_k weights[k] * inputs[k]
     any_nonfinite(tensors) -> 0-dim float32 tensor, 1.0 if any NaN/Inf (floating tensors only)
+    sq_norm(tensors, scale) -> 0-dim tensor: sum_i sum((scale_i * t_i)^2); ``scale`` empty: no scale
+        (float64 when any tensor is float64, else float32)
+    sam_ascent_(params, grads, saved, scale, adaptive, found_inf)
+        saved <- w;  w <- w + ((w*w if adaptive else 1) * g) * scale  (w unchanged when found_inf != 0)
 """
 from __future__ import annotations
 
@@ -94,3 +98,34 @@ def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
     if not flags:
         return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack(flags).any().to(torch.float32)
+
+
+def norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """sq_norm's result dtype: float64 when any tensor is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def sq_norm(tensors: Sequence[Tensor], scale: Sequence[Tensor]) -> Tensor:
+    """Each square in the tensor's compute type, the sums in float64, one rounding to float32 at the end
+    (none when a tensor is float64: the result is then float64)."""
+    torch.ops.swm_fused.check_sq_norm(tensors, scale)
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, t in enumerate(tensors):
+        ct = compute_dtype(t.dtype)
+        v = t.to(ct) * scale[i].to(ct) if len(scale) else t.to(ct)
+        total = total + (v * v).sum(dtype=torch.float64)
+    return total.to(norm_dtype(tensors))
+
+
+def sam_ascent_(params: Sequence[Tensor], grads: Sequence[Tensor], saved: Sequence[Tensor], scale: Tensor,
+                adaptive: bool, found_inf: Optional[Tensor]) -> None:
+    """davda54/sam's per-parameter code, in the params' compute type: e_w = (p^2 if adaptive) * g * scale."""
+    torch.ops.swm_fused.check_sam_ascent_(params, grads, saved, scale, found_inf)
+    for p, g, s in zip(params, grads, saved):
+        ct = compute_dtype(p.dtype)
+        w = p.to(ct)
+        e = (w * w) * g.to(ct) if adaptive else g.to(ct)
+        new = w + e * scale.reshape(()).to(ct)
+        s.copy_(w)
+        _store(p, new, found_inf)

@@ -33,6 +33,8 @@ else:
     from .lerp import lerp_ as _lerp_launch
     from .lerp import lerp_multi_ as _lerp_multi_launch
     from .merge import merge_ as _merge_launch
+    from .sam_ascent import sam_ascent_ as _sam_ascent_launch
+    from .sq_norm import sq_norm as _sq_norm_launch
     from .swag import swag_ as _swag_launch
 
     DEVICE_TYPE = "cpu" if INTERPRETED else "cuda"
@@ -70,6 +72,20 @@ else:
     def _(tensors: List[Tensor]) -> Tensor:
         return tensors[0].new_empty((), dtype=torch.float32)
 
+    @torch.library.custom_op("swm_fused_triton::sq_norm", mutates_args=())
+    def _sq_norm_op(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
+        return _sq_norm_launch(tensors, scale)
+
+    @_sq_norm_op.register_fake
+    def _(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        return tensors[0].new_empty((), dtype=dtype)
+
+    @torch.library.custom_op("swm_fused_triton::sam_ascent_", mutates_args=("params", "saved"))
+    def _sam_ascent_op(params: List[Tensor], grads: List[Tensor], saved: List[Tensor], scale: Tensor,
+                       adaptive: bool, found_inf: Optional[Tensor]) -> None:
+        _sam_ascent_launch(params, grads, saved, scale.reshape(()).to(torch.float64), adaptive, _as_flag(found_inf))
+
     def lerp_(avgs: List[Tensor], srcs: List[Tensor], weight: float, weight_tensor: Optional[Tensor],
               found_inf: Optional[Tensor]) -> None:
         """``avg <- lerp(avg, src, w)``, ``w = weight_tensor`` if given else ``weight``; one launch per dtype pair."""
@@ -99,6 +115,17 @@ else:
         """A 0-dim float32 device tensor: 1.0 if any element is NaN/Inf; never read on the host."""
         torch.ops.swm_fused.check_any_nonfinite(tensors)
         return _any_nonfinite_op(tensors)
+
+    def sq_norm(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
+        """A 0-dim device tensor (float64 if a tensor is, else float32): ``sum_i sum((scale_i * t_i)**2)``."""
+        torch.ops.swm_fused.check_sq_norm(tensors, scale)
+        return _sq_norm_op(tensors, list(scale))
+
+    def sam_ascent_(params: List[Tensor], grads: List[Tensor], saved: List[Tensor], scale: Tensor, adaptive: bool,
+                    found_inf: Optional[Tensor]) -> None:
+        """``saved <- w``; ``w <- w + ((w*w if adaptive) * g) * scale``; one launch per dtype triple."""
+        torch.ops.swm_fused.check_sam_ascent_(params, grads, saved, scale, found_inf)
+        _sam_ascent_op(params, grads, saved, scale, adaptive, found_inf)
 
 
 def unavailable_reason() -> str:
