@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .distributed import fsdp_modules, local_shard, reshard_fsdp
 from .flat import FlatBuffer
-from .ops import any_nonfinite, ema_, swa_, swag_
+from .ops import BoundLists, any_nonfinite, ema_, swa_, swag_
 
 __all__ = ["AveragingEngine", "FlatParameters", "ModuleTensors", "StaleModelError", "flatten_parameters",
            "structure_epoch"]
@@ -345,6 +345,7 @@ class AveragingEngine:
         self._flat_source = self._match_flat(model)
         self._flat_version = self.source.version
         self._cached_lists: Optional[List[List[Tensor]]] = None
+        self._bound_cache: Dict[Tuple[int, int], Tuple[Any, Any, BoundLists]] = {}
         self._cache_version = -1
 
     def _match_flat(self, model: Any) -> Optional[FlatParameters]:
@@ -607,22 +608,33 @@ class AveragingEngine:
             self._check_device(group, local)
         return [(g.avg, g.sources(local) if g.staging is not None else local) for g, local in zip(self._groups, lists)]
 
+    def _bound(self, avg: Any, src: Any) -> BoundLists:
+        """(average, source) bound once in C++ (swm_fused.BoundLists), rebound when either object changes:
+        the source list is rebuilt whenever the model's structure changes, so a binding never goes stale."""
+        cached = self._bound_cache.get((id(avg), id(src)))
+        if cached is None or cached[0] is not avg or cached[1] is not src:
+            cached = (avg, src, BoundLists(avg, src))
+            if len(self._bound_cache) > 4 * len(self._groups):
+                self._bound_cache.clear()
+            self._bound_cache[(id(avg), id(src))] = cached
+        return cached[2]
+
     def _update_all(self, mode: str, decay: float) -> None:
         """Every segment, one weight: one fused call and one NaN/Inf check per device group."""
         tensors = self._current()
-        pairs = self._group_sources(tensors)
+        bound = [self._bound(avg, src) for avg, src in self._group_sources(tensors)]
         flag = None
         if self.skip_nonfinite:
-            flags = [any_nonfinite(src) for _, src in pairs]
+            flags = [b.any_nonfinite() for b in bound]
             flag = flags[0]
             for other in flags[1:]:
                 flag = flag + other.to(flag.device)
-        for group, (avg, src) in zip(self._groups, pairs):
+        for group, lists in zip(self._groups, bound):
             group_flag = flag if flag is None or flag.device == group.device else flag.to(group.device)
             if mode == "ema":
-                ema_(avg, src, decay, found_inf=group_flag)
+                lists.ema_(decay, found_inf=group_flag)
             else:
-                swa_(avg, src, group.counts[0], found_inf=group_flag)
+                lists.swa_(group.counts[0], found_inf=group_flag)
             if group.copied:
                 live = self._local(tensors, group.copied)
                 for dst, tensor in zip(group.latest.views, live):

@@ -12,6 +12,7 @@ from torch import Tensor
 ALIGN_ELEMENTS = 16
 
 _Spec = Tuple[torch.Size, torch.dtype, torch.device]
+_LAYOUT_IDS: Dict[Tuple, int] = {}  # every layout seen -> its id (FlatBuffer.layout_key)
 
 
 def _round_up(n: int) -> int:
@@ -92,9 +93,17 @@ class FlatBuffer:
             torch._foreach_copy_(self.views, [t.detach() for t in src])
         return self
 
-    def layout_key(self) -> Tuple:
-        """Equal keys mean the storages pair element by element, whatever their dtypes."""
-        return (tuple(self.shapes), tuple(self.group_of), tuple(self.offsets))
+    def layout_key(self) -> int:
+        """Equal keys mean the storages pair element by element, whatever their dtypes.
+
+        The layout is fixed at construction, so the key is computed once: a small int naming the
+        layout (equal layouts get equal ints), cheap to compare on every op call.
+        """
+        key = self.__dict__.get("_layout_id")
+        if key is None:
+            layout = (tuple(self.shapes), tuple(self.group_of), tuple(self.offsets))
+            key = self.__dict__["_layout_id"] = _LAYOUT_IDS.setdefault(layout, len(_LAYOUT_IDS))
+        return key
 
     def views_of(self, flat: Tensor, group: int = 0) -> List[Tensor]:
         """Views of ``flat`` (a 1-D tensor shaped like ``storages[group]``, or a ``[..., n]`` tensor whose
