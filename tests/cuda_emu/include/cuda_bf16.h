@@ -1,0 +1,3 @@
+// Shim for <cuda_bf16.h>: the CUDA emulation of tests/cuda_emu (see cuda_emu.h).
+#pragma once
+#include "cuda_emu.h"
