@@ -13,7 +13,7 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     "info": ("swm_fused.info", "show the available backends and why any is missing"),
-    "merge": ("swm_fused.merge_cli", "merge K checkpoint files into one (weighted, streamed)"),
+    "merge": ("swm_fused.merge_cli", "merge K checkpoints into one (linear, TIES, DARE, SLERP, ...; streamed)"),
     "demo": ("swm_fused.demo", "train trajectories on real data and compare SGD, EMA, SWA, SWM and ensembles"),
 }
 

@@ -386,7 +386,7 @@ def test_merge_files_task_arithmetic(tmp_path):
     tensors, metadata, _ = read_output(out)
     check_against_float64(in_order(tensors, base), [base, *finetuned], [1 - sum(lambdas), *lambdas],
                           torch.float32)
-    assert metadata["swm_fused.method"] == "task-arithmetic"
+    assert metadata["swm_fused.method"] == "task_arithmetic"  # canonical names use _
     assert metadata["swm_fused.base"] == str(base_path)
     assert json.loads(metadata["swm_fused.weights"]) == pytest.approx(lambdas)
     assert json.loads(metadata["swm_fused.base_weight"]) == pytest.approx(1 - sum(lambdas))
@@ -436,10 +436,10 @@ def test_merge_files_validates_before_writing(tmp_path):
         (dict(paths=[a, garbage], out_path=out), ValueError, "garbage.safetensors: not a valid"),
         (dict(paths=[a, pt], out_path=tmp_path / "out.pt"), ValueError, "must be a .safetensors file"),
         (dict(paths=[a, pt], out_path=tmp_path / "no" / "out.safetensors"), FileNotFoundError, "does not exist"),
-        (dict(paths=[a, pt], out_path=out, base=a), ValueError, "only used by method 'task-arithmetic'"),
+        (dict(paths=[a, pt], out_path=out, base=a), ValueError, "'linear' does not use a base model"),
         (dict(paths=[a, pt], out_path=out, weights=[1, 1], method="task-arithmetic"), ValueError, "needs a base"),
         (dict(paths=[a, pt], out_path=out, method="task-arithmetic", base=sharded), ValueError, "lambda"),
-        (dict(paths=[a, pt], out_path=out, method="ties"), ValueError, "unknown method"),
+        (dict(paths=[a, pt], out_path=out, method="ties-magic"), ValueError, "unknown method"),
         (dict(paths=[a, pt], out_path=out, weights=[1, -1]), ValueError, "sum to 0"),
         (dict(paths=[a, pt], out_path=out, dtype="int8"), ValueError, "unknown dtype"),
     ]
@@ -463,7 +463,7 @@ def test_merge_files_is_atomic(tmp_path, monkeypatch, interrupt, existing):
         out.write_bytes(b"previous result")
     before = sorted(os.listdir(tmp_path))
     seen = []
-    real_write = M._write_tensor
+    real_write = M.writer._write_tensor
 
     def fail_after_first(file, tensor):
         if seen:
@@ -471,7 +471,7 @@ def test_merge_files_is_atomic(tmp_path, monkeypatch, interrupt, existing):
         real_write(file, tensor)
         seen.append(os.listdir(tmp_path))
 
-    monkeypatch.setattr(M, "_write_tensor", fail_after_first)
+    monkeypatch.setattr(M.writer, "_write_tensor", fail_after_first)
     with pytest.raises(type(interrupt)):
         M.merge_files(paths, out)
     assert len(seen) == 1 and any(name.endswith(".tmp") for name in seen[0])  # it failed mid-write
@@ -532,7 +532,7 @@ def test_merge_files_streams_with_bounded_memory(tmp_path):
     assert count * tensor_bytes > 2 * bound
     # One intra-op thread: spinning OpenMP workers on a busy machine make each op take milliseconds.
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(M.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(M.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "out.safetensors"), *map(str, paths)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr

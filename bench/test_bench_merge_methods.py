@@ -1,0 +1,169 @@
+"""CPU benchmarks of the merge methods: swm_fused against a plain-torch version of the same formula.
+
+Each case merges K = 3 models into a base (slerp: two models) over the leading tensors of the
+GPT-2 workload (up to 2^25 elements; ``--bench-quick`` cuts it to a few small tensors), with fp32
+or bf16 models. ``swm`` is :func:`swm_fused.merge.merge_models` (what ``swm-fused merge`` runs per
+tensor); ``torch:stack`` is the formula written the usual way in plain torch, per tensor in fp32:
+stack the task vectors, select, mask and reduce over the stack (as mergekit's methods do). Both
+are credited with the same bytes, the minimum traffic: read K+1 inputs, write one output.
+The deterministic methods are checked to agree before they are timed.
+
+Results land in the same pytest-benchmark JSON and report as bench/test_bench_ops.py's.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import time
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+import torch
+from torch import Tensor
+
+from cases import QUICK_MAX_NUMEL
+from workloads import WORKLOADS, numel, shrink
+
+from swm_fused import merge as M
+
+K = 3
+MAX_NUMEL = 1 << 25
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+METHODS: Dict[str, dict] = {
+    "ties": dict(density=0.3), "dare_ties": dict(density=0.3, seed=0), "breadcrumbs": dict(density=0.3, gamma=0.01),
+    "della": dict(density=0.3, epsilon=0.1, seed=0), "model_stock": {}, "slerp": dict(t=0.3),
+}
+DETERMINISTIC = ("ties", "breadcrumbs", "model_stock", "slerp")
+MIN_ROUNDS, MAX_ROUNDS = 3, 20
+
+
+# ---------------------------------------------------------------- plain torch, one tensor at a time, fp32
+
+def _kth_largest(x: Tensor, k: int) -> Tensor:
+    """Per row of x (K, n): the k-th largest value, shaped to broadcast against x."""
+    return x.kthvalue(x.shape[1] - k + 1, dim=1, keepdim=True).values
+
+
+def _elect(x: Tensor, weights: Tensor, normalize: bool) -> Tensor:
+    positive = x.sum(0) >= 0
+    kept = torch.where(positive, x > 0, x < 0)
+    mixed = (x * kept).sum(0)
+    if normalize:
+        divisor = (weights * kept).sum(0)
+        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return mixed
+
+
+def torch_merge(method: str, base: Tensor, models: List[Tensor], key: str, params: dict) -> Tensor:
+    b = base.float().reshape(-1)
+    if method == "slerp":
+        a, c = b, models[0].float().reshape(-1)
+        cos = (a @ c / (a.norm() * c.norm())).clamp(-1, 1)
+        t = params["t"]
+        if cos.abs() > 0.9995:
+            out = (1 - t) * a + t * c
+        else:
+            omega = torch.arccos(cos)
+            out = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * c) / torch.sin(omega)
+        return out.reshape(base.shape).to(base.dtype)
+    deltas = torch.stack([m.float().reshape(-1) - b for m in models])  # (K, n)
+    n = b.numel()
+    if method == "model_stock":
+        gram = deltas @ deltas.T
+        norms = gram.diagonal().sqrt()
+        cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+        c = cos[torch.triu_indices(len(models), len(models), 1).unbind()].mean().clamp(0, 1)
+        t = len(models) * c / (1 + (len(models) - 1) * c)
+        out = t * (deltas.mean(0) + b) + (1 - t) * b
+        return out.reshape(base.shape).to(base.dtype)
+    weights = torch.ones(len(models), 1)
+    density = params["density"]
+    k = min(max(int(math.floor(density * n + 0.5)), 1), n)
+    magnitudes = deltas.abs()
+    if method == "ties":
+        deltas = deltas * (magnitudes >= _kth_largest(magnitudes, k))
+    elif method == "breadcrumbs":
+        n_top = min(int(math.floor(params["gamma"] * n + 0.5)), n - 1)
+        k = min(k, n - n_top)
+        hi = _kth_largest(magnitudes, n_top) if n_top else torch.full((len(models), 1), math.inf)
+        deltas = deltas * ((magnitudes >= _kth_largest(magnitudes, n_top + k)) & (magnitudes < hi))
+    elif method == "dare_ties":
+        deltas = deltas * (torch.rand_like(deltas) < density) / density
+    elif method == "della":
+        ranks = magnitudes.argsort(dim=1).argsort(dim=1).double()
+        p = (density - params["epsilon"]) + 2 * params["epsilon"] * ranks / max(n - 1, 1)
+        deltas = deltas * (torch.rand_like(deltas) < p) / p.float()
+    if method == "breadcrumbs":
+        mixed = (weights * deltas).sum(0)
+    else:
+        mixed = _elect(weights * deltas, weights, normalize=method in ("ties", "della"))
+    return (b + mixed).reshape(base.shape).to(base.dtype)
+
+
+# ---------------------------------------------------------------- cases
+
+CASES = [(method, dtype) for method in METHODS for dtype in DTYPES]
+PROVIDERS = ("torch:stack", "swm")
+_current: Dict[Tuple[str, bool], Tuple] = {}
+_medians: Dict[str, Dict[str, float]] = {}
+
+
+def _data(dtype_name: str, quick: bool):
+    key = (dtype_name, quick)
+    if key not in _current:
+        _current.clear()
+        gc.collect()
+        shapes = shrink(WORKLOADS["gpt2"](), QUICK_MAX_NUMEL if quick else MAX_NUMEL)
+        dtype = DTYPES[dtype_name]
+        gen = torch.Generator().manual_seed(0)
+        base = {name: torch.randn(shape, generator=gen).to(dtype) for name, shape in shapes}
+        models = [{name: (t.float() + 0.05 * torch.randn(t.shape, generator=gen)).to(dtype) for name, t in base.items()}
+                  for _ in range(K)]
+        _current[key] = (base, models, numel(shapes))
+    return _current[key]
+
+
+def _prepare(method: str, provider: str, base, models) -> Callable[[], Dict[str, Tensor]]:
+    params = METHODS[method]
+    if provider == "swm":
+        if method == "slerp":
+            return lambda: M.slerp(base, models[0], params["t"])
+        return lambda: M.merge_models(method, models, base, **params)
+    ends = [models[0]] if method == "slerp" else models
+    return lambda: {key: torch_merge(method, t, [m[key] for m in ends], key, params) for key, t in base.items()}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize(("method", "dtype_name"), CASES, ids=[f"{m}-{d}" for m, d in CASES])
+def test_merge_method(benchmark, request, copy_gbps, method, dtype_name, provider):
+    quick = request.config.getoption("--bench-quick")
+    budget = request.config.getoption("--bench-budget")
+    base, models, count = _data(dtype_name, quick)
+    run = _prepare(method, provider, base, models)
+    case = f"{method}{K if method != 'slerp' else 2}-gpt2-{dtype_name}"
+    benchmark.group = case
+    start = time.perf_counter()
+    result = run()  # warm-up; also sizes the number of rounds
+    first = time.perf_counter() - start
+    if method in DETERMINISTIC and provider == "swm":  # the two providers compute the same thing
+        reference = _prepare(method, "torch:stack", base, models)()
+        for key, tensor in result.items():
+            tol = 2e-2 if dtype_name == "bf16" else 1e-4
+            torch.testing.assert_close(tensor.float(), reference[key].float(), rtol=tol, atol=tol)
+    del result
+    rounds = MIN_ROUNDS if quick else min(MAX_ROUNDS, max(MIN_ROUNDS, int(budget / max(first, 1e-9))))
+    benchmark.pedantic(run, rounds=rounds, iterations=1)
+    if benchmark.stats is None:
+        return
+    median = benchmark.stats.stats.median
+    _medians.setdefault(case, {})[provider] = median
+    inputs = 2 if method == "slerp" else K + 1
+    nbytes = count * (inputs + 1) * DTYPES[dtype_name].itemsize
+    baseline = _medians[case].get("torch:stack") if provider == "swm" else None
+    gbps = nbytes / median / 1e9
+    benchmark.extra_info.update(
+        case=case, provider=provider, op=method, workload="gpt2", model_dtype=dtype_name, average_dtype=dtype_name,
+        k=inputs - (method != "slerp"), numel=count, bytes=nbytes, bytes_per_element=(inputs + 1) *
+        DTYPES[dtype_name].itemsize, median_s=median, gbps=gbps, baseline="torch:stack" if baseline else None,
+        speedup=baseline / median if baseline else None, copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps,
+        quick=quick)
