@@ -212,6 +212,27 @@ def swag_(mean: TensorList, sq_mean: TensorList, src: TensorList, n_averaged: Un
          (weight, weight_tensor, found_inf), (weight_tensor, found_inf))
 
 
+def _k_lists(op: str, name: str, value: Sequence[TensorList], weights: Sequence[float], kind: str,
+             paired: Tuple[str, List[Tensor]]) -> Tuple[List[List[Tensor]], List[float]]:
+    """K tensor lists and their K weights: types, counts, finite numbers, and each list as long as
+    ``paired`` (the list the K lists pair with by position, which their k-major flattening needs)."""
+    if isinstance(value, (Tensor, FlatBuffer)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list of K tensor lists (one per {kind})")
+    if len(value) == 0:
+        raise ValueError(f"{op}: {name} is empty; give at least one {kind}")
+    lists = [_as_list(op, f"{name}[{k}]", x) for k, x in enumerate(value)]
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{op}: weights must be a sequence of numbers, got {type(weights).__name__}")
+    if len(weights) != len(lists):
+        raise ValueError(f"{op}: got {len(weights)} weights for {len(lists)} {'input' if kind == 'model' else 'average'} lists")
+    weights = [_check_number(op, f"weights[{k}]", w) for k, w in enumerate(weights)]
+    paired_name, paired_list = paired
+    for k, xs in enumerate(lists):
+        if len(xs) != len(paired_list):
+            raise ValueError(f"{op}: {paired_name} has {len(paired_list)} tensors but {name}[{k}] has {len(xs)}")
+    return lists, weights
+
+
 def merge_(out: TensorList, inputs: Sequence[TensorList], weights: Union[Sequence[float], Tensor]) -> None:
     """K-way weighted merge, in place: ``out = sum_k weights[k] * inputs[k]``.
 
@@ -221,24 +242,12 @@ def merge_(out: TensorList, inputs: Sequence[TensorList], weights: Union[Sequenc
     are numbers or a CPU tensor (reading a device tensor would synchronise).
     """
     outs = _as_list("merge_", "out", out)
-    if isinstance(inputs, (Tensor, FlatBuffer)) or not isinstance(inputs, (list, tuple)):
-        raise TypeError("merge_: inputs must be a list of K tensor lists (one per model)")
-    if len(inputs) == 0:
-        raise ValueError("merge_: inputs is empty; give at least one model")
-    input_lists = [_as_list("merge_", f"inputs[{k}]", x) for k, x in enumerate(inputs)]
     if isinstance(weights, Tensor):
         if weights.device.type != "cpu":
             raise ValueError(f"merge_: weights must be numbers or a CPU tensor, got a tensor on {weights.device} "
                              "(reading it would synchronise with the host)")
         weights = weights.detach().reshape(-1).tolist()
-    if not isinstance(weights, (list, tuple)):
-        raise TypeError(f"merge_: weights must be a sequence of numbers, got {type(weights).__name__}")
-    if len(weights) != len(input_lists):
-        raise ValueError(f"merge_: got {len(weights)} weights for {len(input_lists)} input lists")
-    weights = [_check_number("merge_", f"weights[{k}]", w) for k, w in enumerate(weights)]
-    for k, xs in enumerate(input_lists):
-        if len(xs) != len(outs):
-            raise ValueError(f"merge_: out has {len(outs)} tensors but inputs[{k}] has {len(xs)}")
+    input_lists, weights = _k_lists("merge_", "inputs", inputs, weights, "model", ("out", outs))
     if not outs:
         return
     _run("merge_", "merge_", [outs, *input_lists], [out, *inputs], _check_merge, (weights,),
@@ -256,23 +265,11 @@ def ema_multi_(avgs: Sequence[TensorList], src: TensorList, weights: Sequence[fl
     If ``found_inf`` is non-zero nothing changes.
     """
     srcs = _as_list("ema_multi_", "src", src)
-    if isinstance(avgs, (Tensor, FlatBuffer)) or not isinstance(avgs, (list, tuple)):
-        raise TypeError("ema_multi_: avgs must be a list of K tensor lists (one per profile)")
-    if len(avgs) == 0:
-        raise ValueError("ema_multi_: avgs is empty; give at least one profile")
-    avg_lists = [_as_list("ema_multi_", f"avgs[{k}]", x) for k, x in enumerate(avgs)]
-    if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)):
-        raise TypeError(f"ema_multi_: weights must be a sequence of numbers, got {type(weights).__name__}")
-    if len(weights) != len(avg_lists):
-        raise ValueError(f"ema_multi_: got {len(weights)} weights for {len(avg_lists)} average lists")
-    weights = [_check_number("ema_multi_", f"weights[{k}]", w) for k, w in enumerate(weights)]
+    avg_lists, weights = _k_lists("ema_multi_", "avgs", avgs, weights, "profile", ("src", srcs))
     for k, w in enumerate(weights):
         if not 0.0 <= w <= 1.0:
             raise ValueError(f"ema_multi_: weights[{k}] must be in [0, 1], got {w}")
     _check_flag_type("ema_multi_", found_inf)
-    for k, xs in enumerate(avg_lists):
-        if len(xs) != len(srcs):
-            raise ValueError(f"ema_multi_: src has {len(srcs)} tensors but avgs[{k}] has {len(xs)}")
     if not srcs:
         return
     _run("ema_multi_", "lerp_multi_", [*avg_lists, srcs], [*avgs, src],

@@ -40,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 INCLUDE = HERE / "include"
 GLUE = HERE / "glue.cpp"
+RUNTIME = HERE / "runtime.cpp"    # fibers, scheduler, barriers (the non-template part of cuda_emu.h)
+SELFTEST = HERE / "selftest.cu"   # test-only kernels for the emulation itself
 LIB_NAME = "libswm_fused_emu.so"
 
 # -ffp-contract=off: the kernels round every product and sum explicitly (__fmul_rn, __fadd_rn, fma), so
@@ -106,7 +108,7 @@ def _torch_paths() -> Tuple[List[str], List[str], bool, str]:
 def _inputs(src: Path) -> List[Path]:
     files = sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     files += sorted(p for p in INCLUDE.rglob("*") if p.is_file())
-    return files + [GLUE, Path(__file__).resolve()]
+    return files + [GLUE, RUNTIME, SELFTEST, Path(__file__).resolve()]
 
 
 def _hash(cxx: str, src: Path, extra: Sequence[str]) -> str:
@@ -167,16 +169,20 @@ def build(force: bool = False, jobs: Optional[int] = None, verbose: bool = False
         raise BuildError(f"no kernel launch found in {cuda_src} (nothing would run)")
     gen = stage / "gen"
     gen.mkdir()
+    selftest_text, selftest_launches = rewrite_launches(SELFTEST.read_text())
+    (gen / SELFTEST.name).write_text(selftest_text)
+    log.append(f"rewrote {selftest_launches} launch(es) in {SELFTEST.name}")
     (gen / "schemas.inc").write_text(extract_schemas((src / "ops.cpp").read_text()))
 
     base = [cxx, *COMMON_FLAGS, abi_flag, "-I", str(INCLUDE)]
     torch_inc = [flag for path in torch_includes for flag in ("-isystem", path)]
     units: List[Tuple[Path, List[str]]] = []
-    for cu in sorted((stage / "src" / "cuda").glob("*.cu")):
+    for cu in sorted((stage / "src" / "cuda").glob("*.cu")) + [gen / SELFTEST.name]:
         units.append((cu, base + ["-x", "c++", "-D__CUDACC__", "-include", "cuda_emu.h"]))
     for cpp in sorted((stage / "src" / "cuda").glob("*.cpp")):
         units.append((cpp, base + ["-include", "torch_library_redirect.h", *torch_inc]))
     units.append((GLUE, base + ["-I", str(gen), *torch_inc]))
+    units.append((RUNTIME, base))
     objs = [stage / "obj" / (unit.name + ".o") for unit, _ in units]
     (stage / "obj").mkdir()
     logs: List[List[str]] = [[] for _ in units]

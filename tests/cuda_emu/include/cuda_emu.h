@@ -1,14 +1,22 @@
 // cuda_emu.h: just enough of CUDA to compile swm_fused's kernels (csrc/cuda/*.cu) with a host C++
 // compiler and run them on CPU memory. Force-included (-include) into every emulated translation unit;
-// the shim headers next to it (cuda_runtime*.h, cuda_fp16.h, cuda_bf16.h) include it too.
+// the shim headers next to it (cuda_runtime*.h, cuda_fp16.h, cuda_bf16.h) include it too. The
+// non-template part of the runtime (fibers, scheduler, barriers) is in ../runtime.cpp.
 //
 // Model: a launch runs synchronously on the calling thread. Blocks run one after another (x fastest,
-// then y, then z), and inside a block the threads run one after another, each to completion. That is
-// exact for kernels whose threads never wait for each other, which is true of every kernel in
-// csrc/cuda today. Anything that would need cooperating threads (__syncthreads, __shared__, warp
-// shuffles/votes, atomics, cooperative groups) is deliberately NOT defined, so a kernel that starts
-// using it fails to compile here instead of being emulated wrongly; extend this file (e.g. one fiber
-// per thread with a barrier) when that happens.
+// then y, then z). Inside a block every thread is a cooperative fiber: the scheduler runs each one
+// until it finishes or reaches a barrier, in thread order (or reversed, see schedule_mode()), pass
+// after pass, and releases a barrier only once every thread of its scope arrived:
+//   * __syncthreads()                 : all threads of the block;
+//   * __shfl_down_sync(mask, v, d)    : the 32 lanes of the warp (full mask, width 32 only), through
+//                                       per-warp exchange slots and two warp barriers;
+//   * __shared__                      : storage shared by the block's threads (static thread_local:
+//                                       every fiber of a launch runs on one host thread).
+// A barrier that can never complete (threads exited or wait at another barrier: a divergent
+// barrier) aborts the process with a message instead of deadlocking. Anything else that needs
+// cooperating threads (other warp intrinsics, votes, atomics, dynamic shared memory, cooperative
+// groups, grid sync) is deliberately NOT defined, so a kernel that starts using it fails to compile
+// here instead of being emulated wrongly.
 //
 // Only what the kernels use is provided, with CUDA's semantics where they differ from plain C++:
 //   * __fmaf_rn/__fadd_rn/... : one IEEE rounding each (the build uses -ffp-contract=off, so the host
@@ -108,6 +116,54 @@ inline thread_local dim3 grid_dim{1, 1, 1};
 #define blockIdx (static_cast<const uint3&>(::cuda_emu::detail::block_idx))
 #define blockDim (static_cast<const dim3&>(::cuda_emu::detail::block_dim))
 #define gridDim (static_cast<const dim3&>(::cuda_emu::detail::grid_dim))
+
+// ---------------------------------------------------------------------------------------------------
+// Block cooperation (implemented in tests/cuda_emu/runtime.cpp). The barrier functions are out of line
+// on purpose: the compiler must reload threadIdx and shared memory after each of them.
+namespace cuda_emu {
+namespace detail {
+using ThreadBody = void (*)(void* ctx);
+// Runs body(ctx) once per thread of a block of `block` threads, as fibers. `kernel` and `signature` (the
+// launching operator|'s __PRETTY_FUNCTION__, which lists the kernel's parameter types) name it in errors.
+void run_block(ThreadBody body, void* ctx, dim3 block, const void* kernel, const char* signature);
+void syncthreads(const char* file, int line);
+unsigned long long shfl_down_bits(unsigned int mask, unsigned long long bits, unsigned int delta, int width,
+                                  const char* file, int line);
+// 0: each scheduler pass runs the threads in increasing index order; 1: in decreasing order.
+int& schedule_mode();
+// [block barriers completed, warp barriers completed, fibers run] since the library loaded.
+long long sync_stat(int which);
+
+template <typename T> struct shuffleable : std::false_type {};
+template <> struct shuffleable<int> : std::true_type {};
+template <> struct shuffleable<unsigned int> : std::true_type {};
+template <> struct shuffleable<long> : std::true_type {};
+template <> struct shuffleable<unsigned long> : std::true_type {};
+template <> struct shuffleable<long long> : std::true_type {};
+template <> struct shuffleable<unsigned long long> : std::true_type {};
+template <> struct shuffleable<float> : std::true_type {};
+template <> struct shuffleable<double> : std::true_type {};
+
+template <typename T>
+inline T shfl_down_sync(const char* file, int line, unsigned int mask, T var, unsigned int delta, int width = 32) {
+  static_assert(shuffleable<T>::value, "__shfl_down_sync is emulated for 4- and 8-byte integers, float, double");
+  unsigned long long bits = 0;
+  std::memcpy(&bits, &var, sizeof(T));
+  bits = shfl_down_bits(mask, bits, delta, width, file, line);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+}  // namespace detail
+}  // namespace cuda_emu
+
+// Block-scoped storage: all fibers of a block run on one host thread, one block after another, so a
+// thread-local static is shared by exactly the block's threads. Not reset between blocks (CUDA leaves
+// it undefined): a block sees what the previous block on this host thread left. `extern __shared__`
+// (dynamic shared memory) does not compile.
+#define __shared__ static thread_local
+#define __syncthreads() ::cuda_emu::detail::syncthreads(__FILE__, __LINE__)
+#define __shfl_down_sync(...) ::cuda_emu::detail::shfl_down_sync(__FILE__, __LINE__, __VA_ARGS__)
 
 // ---------------------------------------------------------------------------------------------------
 // Bit casts and explicitly rounded arithmetic.
@@ -267,17 +323,16 @@ template <typename... P, typename... A> void operator|(const BoundKernel<P...>& 
   detail::grid_dim = g;
   detail::block_dim = b;
   ++detail::launches;
+  // Each thread (a fiber) runs the kernel with its own copy of the parameters.
+  auto body = [&]() { std::apply(k.kernel, params); };
+  using Body = decltype(body);
   for (unsigned int bz = 0; bz < g.z; ++bz)
     for (unsigned int by = 0; by < g.y; ++by)
       for (unsigned int bx = 0; bx < g.x; ++bx) {
         detail::block_idx = uint3{bx, by, bz};
         ++detail::blocks_run;
-        for (unsigned int tz = 0; tz < b.z; ++tz)
-          for (unsigned int ty = 0; ty < b.y; ++ty)
-            for (unsigned int tx = 0; tx < b.x; ++tx) {
-              detail::thread_idx = uint3{tx, ty, tz};
-              std::apply(k.kernel, params);  // each thread gets its own copy of the parameters
-            }
+        detail::run_block([](void* f) { (*static_cast<Body*>(f))(); }, &body, b,
+                          reinterpret_cast<const void*>(k.kernel), __PRETTY_FUNCTION__);
       }
 }
 
