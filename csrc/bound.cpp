@@ -4,6 +4,7 @@
 // goes through the dispatcher, so csrc/validate.h checks the lists every time (tens of ns per
 // tensor in C++) and torch picks the device's kernel.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/reciprocal.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -56,6 +57,24 @@ struct BoundLists : torch::CustomClassHolder {
     static const auto op = handle<at::Tensor(at::TensorList)>("swm_fused::any_nonfinite");
     return op.call(list(k));
   }
+
+  // One whole averaging step over lists 0 (avg) and 1 (src) in one call from Python: with `check`,
+  // flag = any_nonfinite(src) (every src tensor must be floating); then
+  // avg <- lerp(avg, src, w) unless flagged, w = `weight`, or 1 / (counts[0] + 1) with `swa`; then
+  // counts += 1 - flag, every element. Returns the flag (undefined without `check`). No host sync.
+  std::optional<at::Tensor> step_(double weight, bool swa, bool check, at::Tensor counts) {
+    std::optional<at::Tensor> flag;
+    if (check) flag = any_nonfinite(1);
+    std::optional<at::Tensor> weight_tensor;
+    if (swa) weight_tensor = at::reciprocal(counts.select(0, 0).to(at::kDouble).add(1.0));
+    lerp_(weight, weight_tensor, flag);
+    if (flag.has_value()) {
+      counts.sub_(flag->to(counts.scalar_type())).add_(1);
+    } else {
+      counts.add_(1);
+    }
+    return flag;
+  }
 };
 
 }  // namespace
@@ -65,7 +84,8 @@ TORCH_LIBRARY_FRAGMENT(swm_fused, m) {
       .def(torch::init<std::vector<at::Tensor>, int64_t>())
       .def("lerp_", &BoundLists::lerp_)
       .def("swag_", &BoundLists::swag_)
-      .def("any_nonfinite", &BoundLists::any_nonfinite);
+      .def("any_nonfinite", &BoundLists::any_nonfinite)
+      .def("step_", &BoundLists::step_);
 }
 
 }  // namespace swm_fused

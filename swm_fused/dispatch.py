@@ -129,24 +129,27 @@ def forced_backend() -> Optional[str]:
     return name
 
 
-def _automatic(device: torch.device) -> str:
-    if device.type == "cpu":
+def _automatic(device: torch.device) -> Backend:
+    kind = device.type
+    if kind == "cpu":
         candidates: Tuple[str, ...] = ("cpp",)
-    elif device.type == "cuda":
+    elif kind == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         candidates = (_tuned_cuda[index],) if index in _tuned_cuda else ("cuda", "triton")
     else:
         candidates = ()
     for name in candidates:
         backend = _probe(name)[0]
-        if backend is not None and backend.supports(device):
-            return name
-    return "reference"
+        if backend is not None and (backend.device_types is None or kind in backend.device_types):
+            return backend
+    return get_backend("reference")
 
 
 def select(device: torch.device) -> Backend:
     """The backend that runs an op on tensors living on ``device``."""
-    name = forced_backend() or _automatic(device)
+    name = forced_backend()
+    if name is None:
+        return _automatic(device)
     backend = get_backend(name)
     if not backend.supports(device):
         raise RuntimeError(f"{name}: cannot run on {device.type} tensors"

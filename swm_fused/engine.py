@@ -620,9 +620,35 @@ class AveragingEngine:
         return cached[2]
 
     def _update_all(self, mode: str, decay: float) -> None:
-        """Every segment, one weight: one fused call and one NaN/Inf check per device group."""
+        """Every segment, one weight: one fused call and one NaN/Inf check per device group (on one
+        device, the check, the average and the counters are one call into C++: BoundLists.step_)."""
         tensors = self._current()
         bound = [self._bound(avg, src) for avg, src in self._group_sources(tensors)]
+        if len(bound) == 1:
+            group = self._groups[0]
+            flag = bound[0].step_(group.counts, decay=decay if mode == "ema" else None,
+                                  skip_nonfinite=self.skip_nonfinite)
+            self._copy_latest(group, tensors, flag)
+            if flag is not None:
+                self.skipped_tensor.add_(flag.to(device=self.skipped_tensor.device, dtype=torch.int64))
+        else:
+            self._update_groups(mode, decay, tensors, bound)
+        for s in range(self.n_segments):
+            self.attempts[s] += 1
+        token = self._next_token
+        self._next_token += 1
+        self._tokens = [token] * self.n_segments
+
+    def _copy_latest(self, group: _Group, tensors: Sequence[Tensor], flag: Optional[Tensor]) -> None:
+        """Keep the latest value of the group's non-floating tensors (unless the step was flagged)."""
+        if group.copied:
+            live = self._local(tensors, group.copied)
+            for dst, tensor in zip(group.latest.views, live):
+                src_t = tensor.to(group.device)
+                dst.copy_(src_t if flag is None else torch.where(flag != 0, dst, src_t))
+
+    def _update_groups(self, mode: str, decay: float, tensors: Sequence[Tensor], bound: List[BoundLists]) -> None:
+        """Several devices: one NaN/Inf flag for all of them, then each device's average."""
         flag = None
         if self.skip_nonfinite:
             flags = [b.any_nonfinite() for b in bound]
@@ -635,11 +661,7 @@ class AveragingEngine:
                 lists.ema_(decay, found_inf=group_flag)
             else:
                 lists.swa_(group.counts[0], found_inf=group_flag)
-            if group.copied:
-                live = self._local(tensors, group.copied)
-                for dst, tensor in zip(group.latest.views, live):
-                    src_t = tensor.to(group.device)
-                    dst.copy_(src_t if group_flag is None else torch.where(group_flag != 0, dst, src_t))
+            self._copy_latest(group, tensors, group_flag)
             if group_flag is None:
                 group.counts.add_(1)
             else:
@@ -649,11 +671,6 @@ class AveragingEngine:
                     self.skipped_tensor.add_(skipped)
         if flag is not None and self._groups[0].device != self.skipped_tensor.device:
             self.skipped_tensor.add_(flag.to(device=self.skipped_tensor.device, dtype=torch.int64))
-        for s in range(self.n_segments):
-            self.attempts[s] += 1
-        token = self._next_token
-        self._next_token += 1
-        self._tokens = [token] * self.n_segments
 
     # ------------------------------------------------------------------------ swapping
     @property

@@ -325,18 +325,18 @@ class BoundLists:
 
     def _compiled(self, indices: Tuple[int, ...], floating_only: bool = False):
         """The C++ binding of lists ``indices`` when the compiled backend runs them, else None."""
-        device = self._lists[0][0].device
-        backend = dispatch.select(device)
+        backend = dispatch.select(self._lists[0][0].device)
         if backend.name not in ("cpp", "cuda"):
             return None
         key = (backend.name, indices, floating_only)
-        if key not in self._handles:
+        handle = self._handles.get(key)
+        if handle is None:
             lists = [[t for t in self._lists[k] if t.is_floating_point() or not floating_only] for k in indices]
-            self._handles[key] = torch.classes.swm_fused.BoundLists([t for x in lists for t in x], len(lists))
-        return self._handles[key]
+            handle = self._handles[key] = torch.classes.swm_fused.BoundLists([t for x in lists for t in x], len(lists))
+        return handle
 
-    def _call(self, op: str, method: str, indices: Tuple[int, ...], *args: Any) -> Any:
-        handle = self._compiled(indices, floating_only=method == "any_nonfinite")
+    @staticmethod
+    def _call(op: str, handle: Any, method: str, *args: Any) -> Any:
         try:
             with torch.no_grad():
                 return getattr(handle, method)(*args)
@@ -352,34 +352,64 @@ class BoundLists:
         self._need("ema_", 2)
         decay = _check_decay("ema_", decay)
         _check_flag_type("ema_", found_inf)
-        if not len(self) or self._compiled((0, 1)) is None:
+        handle = self._compiled((0, 1)) if len(self) else None
+        if handle is None:
             return ema_(*self._lists, decay, found_inf=found_inf)
-        self._call("ema_", "lerp_", (0, 1), 1.0 - decay, None, found_inf)
+        self._call("ema_", handle, "lerp_", 1.0 - decay, None, found_inf)
 
     def swa_(self, n_averaged: Union[int, Tensor], *, found_inf: Optional[Tensor] = None) -> None:
         """:func:`swa_` on the bound (avg, src)."""
         self._need("swa_", 2)
-        if not len(self) or self._compiled((0, 1)) is None:
+        handle = self._compiled((0, 1)) if len(self) else None
+        if handle is None:
             return swa_(*self._lists, n_averaged, found_inf=found_inf)
         weight, weight_tensor = _swa_weight("swa_", n_averaged, self._lists[0][0].device)
         _check_flag_type("swa_", found_inf)
-        self._call("swa_", "lerp_", (0, 1), weight, weight_tensor, found_inf)
+        self._call("swa_", handle, "lerp_", weight, weight_tensor, found_inf)
 
     def swag_(self, n_averaged: Union[int, Tensor], *, found_inf: Optional[Tensor] = None) -> None:
         """:func:`swag_` on the bound (mean, sq_mean, src)."""
         self._need("swag_", 3)
-        if not len(self) or self._compiled((0, 1, 2)) is None:
+        handle = self._compiled((0, 1, 2)) if len(self) else None
+        if handle is None:
             return swag_(*self._lists, n_averaged, found_inf=found_inf)
         weight, weight_tensor = _swa_weight("swag_", n_averaged, self._lists[0][0].device)
         _check_flag_type("swag_", found_inf)
-        self._call("swag_", "swag_", (0, 1, 2), weight, weight_tensor, found_inf)
+        self._call("swag_", handle, "swag_", weight, weight_tensor, found_inf)
+
+    def step_(self, counts: Tensor, *, decay: Optional[float] = None, skip_nonfinite: bool = True) -> Optional[Tensor]:
+        """One whole averaging step over the bound (avg, src), in one call into C++ with the compiled backend.
+
+        With ``skip_nonfinite``, ``flag = any_nonfinite(src)`` first (every src tensor must be floating);
+        then :meth:`ema_` with ``decay``, or :meth:`swa_` with ``n_averaged = counts[0]`` when ``decay``
+        is None, skipped when flagged; then ``counts += 1 - flag`` (every element of the int64 device
+        tensor ``counts``). Returns the flag (None without the check). Never synchronises.
+        """
+        self._need("step_", 2)
+        if decay is not None:
+            decay = _check_decay("step_", decay)
+        handle = self._compiled((0, 1)) if len(self) else None
+        if handle is None:
+            flag = any_nonfinite(self._lists[1]) if skip_nonfinite else None
+            if decay is not None:
+                ema_(*self._lists, decay, found_inf=flag)
+            else:
+                swa_(*self._lists, counts[0], found_inf=flag)
+            if flag is None:
+                counts.add_(1)
+            else:
+                counts.sub_(flag.to(counts.dtype)).add_(1)
+            return flag
+        return self._call("step_", handle, "step_", 0.0 if decay is None else 1.0 - decay, decay is None,
+                          skip_nonfinite, counts)
 
     def any_nonfinite(self, index: int = -1) -> Tensor:
         """:func:`any_nonfinite` of bound list ``index`` (default: the last, the source)."""
         index = range(len(self._lists))[index]
-        if not self._has_floating[index] or self._compiled((index,), floating_only=True) is None:
+        handle = self._compiled((index,), floating_only=True) if self._has_floating[index] else None
+        if handle is None:
             return any_nonfinite(self._lists[index])
-        return self._call("any_nonfinite", "any_nonfinite", (index,), 0)
+        return self._call("any_nonfinite", handle, "any_nonfinite", 0)
 
 
 def sq_norm(tensors: TensorList, *, scale: Optional[TensorList] = None) -> Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
@@ -384,3 +385,252 @@ def test_any_nonfinite_many_tensors_and_exotic_dtype(position):
     target[-1 if position == "last" else random.randrange(target.numel())] = random.choice([NAN, float("-inf")])
     assert EMU.any_nonfinite(tensors).item() == 1.0
     assert EMU.any_nonfinite([]).item() == 0.0 == ref.any_nonfinite([]).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Block cooperation: fibers, __syncthreads, __shared__, __shfl_down_sync (selftest.cu's kernels)
+
+OPS = torch.ops.swm_fused_emu if not _REASON else None
+
+
+@pytest.fixture
+def schedule():
+    """Sets the scheduler's pass order for one test (0 forward, 1 reverse) and restores it afterwards."""
+    previous = EMU.set_schedule(0)
+    yield EMU.set_schedule
+    EMU.set_schedule(previous)
+
+
+@pytest.mark.parametrize("delta", [0, 1, 2, 5, 16, 31, 32, 2**31 + 1])
+def test_shfl_down_sync_semantics(delta):
+    """Lane l gets lane l+delta's value, or keeps its own when l+delta >= 32; 2-D blocks, several blocks."""
+    blocks, bx, by = 3, 64, 2
+    x = torch.arange(blocks * bx * by, dtype=torch.float64) * 1.5 + 0.25
+    out, out_int = OPS._emu_shfl(x, blocks, bx, by, delta)
+    lane = torch.arange(x.numel()) % 32
+    src = torch.where(lane + delta < 32, torch.arange(x.numel()) + (delta if delta < 32 else 0), torch.arange(x.numel()))
+    assert torch.equal(out, x[src])
+    assert torch.equal(out_int, x[src].long())
+
+
+@pytest.mark.parametrize("mode", [0, 1], ids=["forward", "reverse"])
+@pytest.mark.parametrize("threads", [32, 96, 512, 1024])
+def test_syncthreads_orders_shared_memory(threads, mode, schedule):
+    """Each thread publishes to __shared__, then reads a neighbour's slot: right in both schedule orders
+    with the barriers; without them each order serves some readers stale values (the check can fail)."""
+    schedule(mode)
+    blocks = 3
+    x = torch.randn(blocks * threads)
+    t = torch.arange(threads)
+    grid = x.view(blocks, threads)
+    want = (grid[:, (t + 1) % threads] + 2 * grid[:, (t - 1) % threads]).flatten()
+    before = EMU.sync_stats()
+    assert torch.equal(OPS._emu_neighbour(x, blocks, threads, True), want)
+    assert EMU.sync_stats()[0] - before[0] == 3 * blocks  # three __syncthreads per block
+    assert not torch.equal(OPS._emu_neighbour(x, blocks, threads, False), want)
+
+
+DIVERGENT = {
+    0: "divergent __syncthreads() in the kernel taking (int, float*), block (0, 0, 0) of 64 threads: 5 thread(s)"
+       " of the scope exited",
+    1: "divergent __syncthreads() in the kernel taking (int, float*), block (0, 0, 0) of 64 threads: thread (1, 0, 0)"
+       " (warp 0, lane 1) reached selftest.cu:",
+    2: "divergent __shfl_down_sync in the kernel taking (int, float*), block (0, 0, 0) of 64 threads: 1 thread(s) of"
+       " the scope exited",
+    3: "deadlock in the kernel taking (int, float*), block (0, 0, 0) of 64 threads: no thread can run",
+    4: "__shfl_down_sync with the full mask at",
+}
+
+
+@pytest.mark.parametrize("mode", sorted(DIVERGENT))
+def test_divergent_barriers_abort_with_a_message(mode):
+    """A barrier some threads can never reach aborts the process with a diagnosis instead of hanging."""
+    import subprocess
+    import sys
+    code = ("import torch; torch.ops.load_library(%r); torch.ops.swm_fused_emu._emu_divergent(%d); print('returned')"
+            % (str(EMU.library), mode))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "returned" not in proc.stdout
+    assert "cuda_emu: " + DIVERGENT[mode].split(" in the kernel")[0] in proc.stderr, proc.stderr
+    assert DIVERGENT[mode] in re.sub(r"/\S*/selftest\.cu", "selftest.cu", proc.stderr), proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# lerp_multi_
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_lerp_multi(k):
+    """K averages per source (K > 4 takes two fused passes); every dtype at some position, one position
+    with a different avg dtype per k (the bindings' unfused path), views with canaries and NaN sentinels."""
+    w_shape, w_view, r_shape, r_view = LAYOUTS["contiguous"]
+    sizes = list(EDGE_SIZES if k <= 2 else MID_SIZES) + [4097, 7]
+    pairs = [DTYPE_PAIRS[(i * 5 + k) % 16] for i in range(len(sizes))]
+    avgs = [[rand(w_shape(s), p[0]) for s, p in zip(sizes, pairs)] for _ in range(k)]
+    mixed = len(sizes) - 2
+    for j in range(k):  # position `mixed` has avg dtypes that differ with k
+        avgs[j][mixed] = rand(w_shape(sizes[mixed]), FLOAT_DTYPES[j % 4])
+    if k > 1:
+        avgs[1][-1] = rand(w_shape(sizes[-1]), torch.float64 if pairs[-1][0] != torch.float64 else torch.float32)
+    srcs = [read_base(r_shape(s), p[1], "contiguous", scale=2.0) for s, p in zip(sizes, pairs)]
+    weights = [draw_weight() for _ in range(k)]
+    src_before = [t.clone() for t in srcs]
+    for flag in (None, 0.0, 1.0, NAN):
+        found_inf = None if flag is None else torch.tensor(flag, dtype=random.choice([torch.float32, torch.float64]))
+        results = []
+        for backend in (ref, EMU):
+            copies = [[t.clone() for t in x] for x in avgs]
+            backend.lerp_multi_([[w_view(t) for t in x] for x in copies], [r_view(t) for t in srcs], weights,
+                                found_inf)
+            results.append(copies)
+        expected, actual = results
+        for j in range(k):
+            for i, (a, e) in enumerate(zip(actual[j], expected[j])):
+                if flag not in (None, 0.0):
+                    assert torch.equal(a.view(torch.uint8), avgs[j][i].view(torch.uint8)), f"found_inf={flag} wrote"
+                atol, rtol = BACKEND_TOLERANCES[a.dtype]
+                assert_close(a, e, atol, rtol, f"lerp_multi_ K={k} avgs[{j}][{i}] ({a.dtype}, found_inf={flag})")
+    assert_unchanged(src_before, srcs, "lerp_multi_ sources")
+
+
+# ---------------------------------------------------------------------------------------------
+# sq_norm (the block reduction: __shared__, __shfl_down_sync, __syncthreads)
+
+NORM_SIZES = (0, 1, 7, 4097, 16385, 2**20 + 3)
+
+
+def _norm_rtol(result: Tensor) -> float:
+    # float64 partial sums in another order than torch's: relative 1e-12 on float64 results; float32
+    # results are one rounding of nearly the same float64 sum
+    return 1e-12 if result.dtype == torch.float64 else 1e-6
+
+
+def check_sq_norm(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
+    before = [t.clone() for t in tensors + scale]
+    got = EMU.sq_norm(tensors, scale)
+    want = ref.sq_norm(tensors, scale)
+    assert got.dtype == want.dtype and got.shape == () and got.device.type == "cpu"
+    assert_close(got, want, 0.0, _norm_rtol(got), f"sq_norm ({got.dtype}, {len(tensors)} tensors)")
+    assert_unchanged(before, tensors + scale, "sq_norm inputs")
+    return got
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_sq_norm_sizes(dtype, scaled):
+    """Every size alone and all together; the NaN sentinels past each view must not be read."""
+    _, _, r_shape, r_view = LAYOUTS["contiguous"]
+    scale_dtypes = [FLOAT_DTYPES[(FLOAT_DTYPES.index(dtype) + i) % 4] for i in range(4)]
+    tensors = [r_view(read_base(r_shape(s), dtype, "contiguous", scale=3.0)) for s in NORM_SIZES]
+    scale = [r_view(read_base(r_shape(s), scale_dtypes[i % 4], "contiguous")) for i, s in enumerate(NORM_SIZES)]
+    for i in range(len(NORM_SIZES)):
+        check_sq_norm(tensors[i:i + 1], scale[i:i + 1] if scaled else [])
+    check_sq_norm(tensors, scale if scaled else [])
+
+
+@pytest.mark.parametrize("layout", ["offset", "transposed"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+def test_sq_norm_mixed_dtypes_and_layouts(scaled, layout):
+    """All dtypes in one list (float64 result), then without float64 (float32 result); scalar path and
+    the bindings' contiguous temporaries."""
+    _, _, r_shape, r_view = LAYOUTS[layout]
+    sizes = EDGE_SIZES + (3 * 16384 + 5,)
+    dts = [FLOAT_DTYPES[i % 4] for i in range(len(sizes))]
+    tensors = [r_view(read_base(r_shape(s), d, layout, scale=3.0)) for s, d in zip(sizes, dts)]
+    scale = [r_view(read_base(r_shape(s), dts[(i + 1) % len(dts)], layout)) for i, s in enumerate(sizes)]
+    assert check_sq_norm(tensors, scale if scaled else []).dtype == torch.float64
+    keep = [i for i, d in enumerate(dts) if d != torch.float64]
+    assert check_sq_norm([tensors[i] for i in keep], [scale[i] for i in keep] if scaled else []).dtype == torch.float32
+
+
+def test_sq_norm_thousands_of_tensors_is_deterministic(schedule):
+    """3,000 tensors (many launches, one block each): against the reference, and bit for bit the same on a
+    rerun and with the scheduler's pass order reversed."""
+    sizes = [random.randrange(0, 300) for _ in range(3000)] + [40000]
+    no_double = (torch.float32, torch.bfloat16, torch.float16)
+    tensors = [rand((s,), no_double[i % 3], scale=3.0) for i, s in enumerate(sizes)]
+    scale = [rand((s,), FLOAT_DTYPES[(i + 1) % 4]) for i, s in enumerate(sizes)]
+    before = EMU.sync_stats()
+    first = check_sq_norm(tensors, scale)
+    stats = [a - b for a, b in zip(EMU.sync_stats(), before)]
+    blocks = sum((s + 16383) // 16384 for s in sizes)
+    assert stats == [blocks, blocks * 16 * 10, blocks * 512]  # per block: 1 __syncthreads, 16 warps x 5 x 2
+    assert first.dtype == torch.float32
+    again = EMU.sq_norm(tensors, scale)
+    schedule(1)
+    reversed_order = EMU.sq_norm(tensors, scale)
+    assert torch.equal(first.view(torch.int32), again.view(torch.int32))
+    assert torch.equal(first.view(torch.int32), reversed_order.view(torch.int32))
+    doubles = [t.double() for t in tensors[:500]] + [rand((2**20 + 3,), torch.float64)]
+    a = check_sq_norm(doubles, [])
+    schedule(0)
+    b = EMU.sq_norm(doubles, [])
+    assert torch.equal(a.view(torch.int64), b.view(torch.int64))
+
+
+def test_sq_norm_nonfinite_and_empty():
+    x = rand((5000,), torch.float32)
+    x[4999] = float("inf")
+    assert EMU.sq_norm([x], []).item() == float("inf")
+    x[10] = NAN
+    assert EMU.sq_norm([rand((7,), torch.float16), x], []).isnan().item()
+    assert EMU.sq_norm([torch.empty(0), torch.empty(0, 3)], []).item() == 0.0
+    assert EMU.sq_norm([], []).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# sam_ascent_
+
+def _ascent_case(sizes, param_dtypes, grad_dtypes, saved_dtypes, layout="contiguous", adaptive=False):
+    w_shape, _, r_shape, _ = LAYOUTS[layout]
+    pick = lambda dts, i: dts[i % len(dts)]  # noqa: E731
+    return {"layout": layout, "adaptive": adaptive,
+            "params": [rand(w_shape(s), pick(param_dtypes, i)) for i, s in enumerate(sizes)],
+            "grads": [read_base(r_shape(s), pick(grad_dtypes, i), layout, scale=2.0) for i, s in enumerate(sizes)],
+            "saved": [torch.full(w_shape(s), NAN, dtype=pick(saved_dtypes, i)) for i, s in enumerate(sizes)],
+            "scale": torch.tensor(random.uniform(-0.7, 1.3), dtype=torch.float64).to(
+                random.choice([torch.float32, torch.float64]))}
+
+
+def _run_ascent(case, backend, found_inf):
+    _, w_view, _, r_view = LAYOUTS[case["layout"]]
+    params, saved = [p.clone() for p in case["params"]], [s.clone() for s in case["saved"]]
+    backend.sam_ascent_([w_view(p) for p in params], [r_view(g) for g in case["grads"]], [w_view(s) for s in saved],
+                        case["scale"], case["adaptive"], found_inf)
+    return params, saved
+
+
+def check_ascent(case, found_inf=None):
+    grads_before = [g.clone() for g in case["grads"]]
+    exp_p, exp_s = _run_ascent(case, ref, found_inf)
+    act_p, act_s = _run_ascent(case, EMU, found_inf)
+    for key, actual, expected in (("params", act_p, exp_p), ("saved", act_s, exp_s)):
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert a.dtype == e.dtype
+            if a.dtype in (torch.float32, torch.float64) and (key == "saved" or case["params"][i].dtype == a.dtype):
+                # the op's promise for float32/float64 params: the same roundings in the same order, 0 ulps
+                assert_unchanged([e], [a], f"sam_ascent_ {key}[{i}] ({a.dtype}) bit for bit")
+            atol, rtol = BACKEND_TOLERANCES[e.dtype]
+            assert_close(a, e, atol, rtol, f"sam_ascent_ {key}[{i}] ({a.dtype})")
+    assert_unchanged(grads_before, case["grads"], "sam_ascent_ grads")
+    return act_p, act_s
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=_ids)
+def test_sam_ascent_dtype_pairs(pair, adaptive):
+    """(param, grad) dtype pairs, saved in every dtype across positions."""
+    saved = [FLOAT_DTYPES[(i + DTYPE_PAIRS.index(pair)) % 4] for i in range(4)]
+    sizes = SIZES if pair[0] == pair[1] else MID_SIZES
+    check_ascent(_ascent_case(sizes, [pair[0]], [pair[1]], [pair[0]] + saved, adaptive=adaptive))
+
+
+@pytest.mark.parametrize("layout", ["offset", "strided"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_ascent_layouts_and_found_inf(adaptive, layout):
+    """Scalar path and temporaries; found_inf != 0 leaves params bit-identical but still writes saved."""
+    case = _ascent_case(EDGE_SIZES, FLOAT_DTYPES, list(reversed(FLOAT_DTYPES)),
+                        [torch.float32, torch.float64, torch.float16], layout=layout, adaptive=adaptive)
+    check_ascent(case, torch.tensor(0.0))
+    for flag in (1.0, float("inf"), NAN):
+        params, saved = check_ascent(case, torch.tensor(flag, dtype=random.choice([torch.float32, torch.float64])))
+        assert_unchanged(case["params"], params, f"sam_ascent_ params with found_inf={flag}")

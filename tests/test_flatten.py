@@ -95,12 +95,12 @@ def test_averager_of_a_flat_model_is_one_kernel_over_one_vector(monkeypatch):
     flatten_parameters(model)
     averager = WeightAverager(model, mode="ema", decay=0.5)
     calls = []
-    real = swm_fused.BoundLists.ema_
+    real = swm_fused.BoundLists.step_
 
     def spy(self, *args, **kwargs):  # the lists the update's one op call runs over
         calls.append(tuple(len(x) for x in self._lists))
         return real(self, *args, **kwargs)
-    monkeypatch.setattr(swm_fused.BoundLists, "ema_", spy)
+    monkeypatch.setattr(swm_fused.BoundLists, "step_", spy)
     averager.update()
     averager.update()
     assert calls == [(1, 1), (1, 1)]

@@ -554,3 +554,33 @@ def test_bound_lists_of_flatbuffers_and_of_nothing():
     assert empty.any_nonfinite().item() == 0.0
     ints = swm_fused.BoundLists([torch.ones(3, dtype=torch.int64)])
     assert ints.any_nonfinite().item() == 0.0
+
+
+@pytest.mark.parametrize("mode", ["ema", "swa"])
+@pytest.mark.parametrize("row", ROWS, ids=row_id)
+def test_bound_step_is_check_average_and_count_in_one_call(row, mode):
+    """BoundLists.step_ equals any_nonfinite + ema_/swa_ with found_inf + the counter update, bit for bit."""
+    backend, device = row
+    case = make_case("ema_", [(4097,), (7, 3), (1,)], [torch.float32, torch.bfloat16], [torch.float16],
+                     device=device)
+    plain, bound = copy_case(case), copy_case(case)
+    counts_plain = torch.tensor([3, 3], device=device)
+    counts_bound = counts_plain.clone()
+    with use_backend(backend):
+        handle = swm_fused.BoundLists(bound["avg"], bound["src"])
+        for step in range(4):
+            if step == 2:  # a NaN step: skipped, not counted
+                plain["src"][1][0, 0] = bound["src"][1][0, 0] = float("nan")
+            if step == 3:
+                plain["src"][1][0, 0] = bound["src"][1][0, 0] = 1.0
+            flag = swm_fused.any_nonfinite(plain["src"])
+            if mode == "ema":
+                swm_fused.ema_(plain["avg"], plain["src"], case["decay"], found_inf=flag)
+            else:
+                swm_fused.swa_(plain["avg"], plain["src"], counts_plain[0], found_inf=flag)
+            counts_plain.sub_(flag.to(torch.int64)).add_(1)
+            got = handle.step_(counts_bound, decay=case["decay"] if mode == "ema" else None)
+            assert torch.equal(got, flag)
+    assert torch.equal(counts_plain, counts_bound) and counts_bound.tolist() == [6, 6]
+    for i, (a, b) in enumerate(zip(written(plain), written(bound))):
+        assert torch.equal(bits(a), bits(b)), f"{backend} step_ tensor {i}"

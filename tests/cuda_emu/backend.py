@@ -2,7 +2,8 @@
 
 ``load()`` builds (or finds cached) the host build of csrc/cuda (see build.py) and returns an
 object shaped like a swm_fused backend module: ``NAME``, ``unavailable_reason()``, ``supports()``
-and the four primitives of :mod:`swm_fused.backends.reference`, with the same signatures and
+and the primitives of :mod:`swm_fused.backends.reference` (lerp_, lerp_multi_, swag_, merge_,
+any_nonfinite, sq_norm, sam_ascent_), with the same signatures and
 semantics. The primitives call ``torch.ops.swm_fused_emu.*``: csrc/cuda/bindings.cpp's kernels,
 registered for CPU tensors, running the unchanged .cu kernels through the emulated launch.
 ``load()`` never raises; a failed build shows in ``unavailable_reason()``.
@@ -46,6 +47,13 @@ class EmulatedCudaBackend:
         torch.ops.swm_fused_emu.lerp_(list(avgs), list(srcs), float(weight), weight_tensor, found_inf)
 
     @staticmethod
+    def lerp_multi_(avgs: Sequence[Sequence[Tensor]], srcs: Sequence[Tensor], weights: Sequence[float],
+                    found_inf: Optional[Tensor]) -> None:
+        """avgs[k][i] <- lerp(avgs[k][i], srcs[i], weights[k]) for every k; skipped when found_inf != 0."""
+        flat_avgs = list(itertools.chain.from_iterable(avgs))  # k-major, as the schema wants
+        torch.ops.swm_fused_emu.lerp_multi_(flat_avgs, list(srcs), [float(w) for w in weights], found_inf)
+
+    @staticmethod
     def swag_(means: Sequence[Tensor], sq_means: Sequence[Tensor], srcs: Sequence[Tensor], weight: float,
               weight_tensor: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         """mean <- lerp(mean, src, w) and sq_mean <- lerp(sq_mean, src*src, w), in one pass."""
@@ -66,11 +74,35 @@ class EmulatedCudaBackend:
             return torch.zeros((), dtype=torch.float32)
         return torch.ops.swm_fused_emu.any_nonfinite(tensors)
 
+    @staticmethod
+    def sq_norm(tensors: Sequence[Tensor], scale: Sequence[Tensor]) -> Tensor:
+        """0-dim: sum over the tensors of (scale * t)^2 (``scale`` empty: no scale); float64 if a tensor is."""
+        tensors = list(tensors)
+        if not tensors:  # as the reference: nothing to sum
+            return torch.zeros((), dtype=torch.float32)
+        return torch.ops.swm_fused_emu.sq_norm(tensors, list(scale))
+
+    @staticmethod
+    def sam_ascent_(params: Sequence[Tensor], grads: Sequence[Tensor], saved: Sequence[Tensor], scale: Tensor,
+                    adaptive: bool, found_inf: Optional[Tensor]) -> None:
+        """saved <- w; w <- w + ((w*w if adaptive) * g) * scale; w unchanged when found_inf != 0."""
+        torch.ops.swm_fused_emu.sam_ascent_(list(params), list(grads), list(saved), scale, bool(adaptive), found_inf)
+
     # Self-test hooks of the emulation layer (not backend primitives).
     @staticmethod
     def launch_stats() -> List[int]:
         """[kernel launches, blocks run] since the library was loaded."""
         return list(torch.ops.swm_fused_emu._emu_stats())
+
+    @staticmethod
+    def sync_stats() -> List[int]:
+        """[block barriers, warp barriers, fibers] completed/run since the library was loaded."""
+        return list(torch.ops.swm_fused_emu._emu_sync_stats())
+
+    @staticmethod
+    def set_schedule(mode: int) -> int:
+        """The scheduler's pass order: 0 = increasing thread index, 1 = decreasing. Returns the previous mode."""
+        return int(torch.ops.swm_fused_emu._emu_schedule(mode))
 
 
 _LOADED: Optional[EmulatedCudaBackend] = None
