@@ -371,3 +371,52 @@ def test_cli_subprocess(tmp_path):
             torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6)
     assert procs[1].returncode == 2 and "usage:" in bad_err and "sigma_rel must be in" in bad_err
     assert not (tmp_path / "bad").exists()
+
+
+def test_reconstruction_on_a_real_trajectory(tmp_path, fresh_seed):
+    """Train the demo's MLP on digits, tracking sigma_rel 0.05 and 0.10 with snapshots every 10 steps and
+    0.075 directly. 0.075 rebuilt from the snapshots lies a small fraction of the 0.05-0.10 distance away
+    from the tracked one, and closer the denser the snapshots used."""
+    from swm_fused import demo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = demo.load_digits_data(fresh_seed % 1000, torch.device("cpu"))
+        model = demo.make_model(demo.Settings(width=64, dropout=0.0))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        folder = tmp_path / "all"
+        stored = PostHocEMA(model, (0.05, 0.10), snapshot_every=10, snapshot_dir=folder,
+                            snapshot_dtype=torch.float32)
+        tracked = PostHocEMA(model, (0.075,))
+        order = torch.Generator().manual_seed(fresh_seed)
+        step, total = 0, 480
+        while step < total:
+            for xb, yb in demo.batches(data.x_train, data.y_train, 32, order):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                optimizer.step()
+                stored.update()
+                tracked.update()
+                step += 1
+                if step == total:
+                    break
+    finally:
+        torch.set_num_threads(threads)
+
+    def distance(a, b):
+        return math.sqrt(sum(((a[n].double() - b[n].double()) ** 2).sum().item() for n in a))
+
+    target = tracked.profile_state_dict(0.075)
+    span = distance(stored.profile_state_dict(0.05), stored.profile_state_dict(0.10))
+    assert span > 0
+    ratios = []
+    for every in (160, 40, 10):
+        sub = tmp_path / f"every{every}"
+        sub.mkdir()
+        for snap in read_snapshots(folder):
+            if snap.t % every == 0:
+                os.link(snap.path, sub / snap.path.name)
+        ratios.append(distance(reconstruct(sub, 0.075), target) / span)
+    assert ratios[0] > ratios[1] > ratios[2], ratios
+    assert ratios[2] < 1e-3 and ratios[1] < 2e-2, ratios  # measured about 1e-5 and 2e-3
