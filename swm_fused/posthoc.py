@@ -13,15 +13,24 @@ The math (equation numbers from the paper's arXiv version 2312.02696; docs/posth
 - inner product of two normalised profiles (Eq. 151, Algorithm 3), and the reconstruction
   (Algorithm 3): ``x = lstsq(A, b)``, ``A_ij = <p_i, p_j>``, ``b_i = <p_i, p*>``, then x / sum(x).
 
-Everything here is float64 numpy on the host: a handful of numbers per snapshot, never a tensor.
+The math is float64 numpy on the host: a handful of numbers per snapshot, never a tensor.
+:class:`PostHocEMA` tracks the profiles on the averaging engine (one fused ``ema_multi_`` pass per
+update) and writes snapshots; :func:`reconstruct` (and ``swm-fused phema``) rebuilds any profile
+from them. docs/posthoc.md describes the API and the snapshot format.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import numbers
-from typing import Iterable, Sequence, Tuple, Union
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
+from torch import Tensor
 
 MAX_SIGMA_REL = 12 ** -0.5
 """sigma_rel of gamma = 0, a uniform average (about 0.288675); wider profiles would need gamma < 0: rejected."""
@@ -146,14 +155,6 @@ def check_sigma_rels(sigma_rels: Union[float, Sequence[float]]) -> Tuple[float, 
 # =====================================================================================================
 # Tracking profiles while training, snapshots, and reconstruction from them
 # =====================================================================================================
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional  # noqa: E402
-
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
 
 SNAPSHOT_PREFIX = "phema-"
 """Snapshot files are ``phema-t{t:012d}-sigma{sigma_rel}.safetensors``; nothing else in the folder is read."""
