@@ -677,8 +677,10 @@ class AveragingEngine:
         When every engine :meth:`shares_layout` with the first, the source is read once per device
         group by one :func:`~swm_fused.ema_multi_` call over the K flat averages, with one NaN/Inf
         check shared by all K (no host sync); each engine's counters move as after
-        ``update("ema", decay=1 - weights[k])``, whose result it matches bit for bit. Otherwise
-        each engine is updated on its own (same results, K passes).
+        ``update("ema", decay=d_k)``, whose result it matches bit for bit when ``weights[k] == 1 - d_k``
+        exactly (float64 averages compute the weight in float64: 0.3 and 1 - 0.7 differ by an ulp).
+        Averages may differ in dtype. Engines that do not share a layout are updated one by one
+        (same results, K passes).
         """
         engines = list(engines)
         weights = [float(w) for w in weights]

@@ -50,13 +50,14 @@ def snapshots_of(tmp_path: Path, model: nn.Module, steps=(5, 10, 15, 20), sigma_
 # ---------------------------------------------------------------------------------- the engine
 def test_engine_ema_multi_matches_separate_updates_and_skips_nonfinite():
     model = small_model()
-    fused = [AveragingEngine(model) for _ in range(3)]
-    alone = [AveragingEngine(model) for _ in range(3)]
+    dtypes = (torch.float32, torch.float64, torch.bfloat16)  # one layout, three dtypes
+    fused = [AveragingEngine(model, dtype=d) for d in dtypes]
+    alone = [AveragingEngine(model, dtype=d) for d in dtypes]
     assert all(fused[0].shares_layout(e) for e in fused + alone)
     assert not fused[0].shares_layout(AveragingEngine(small_model()))  # another model object
     for _ in range(4):
         wiggle(model)
-        weights = [float(w) for w in torch.rand(3)]
+        weights = [int(k) / 1024 for k in torch.randint(1, 1024, (3,))]  # 1 - (1 - w) == w exactly
         AveragingEngine.ema_multi(fused, weights)
         for e, w in zip(alone, weights):
             e.update("ema", decay=1.0 - w)
@@ -71,6 +72,10 @@ def test_engine_ema_multi_matches_separate_updates_and_skips_nonfinite():
     for e, old in zip(fused, before):
         assert all(torch.equal(v, o) for v, o in zip(e.views(), old))
         assert int(e.skipped) == 1 and int(e.count(0)) == 4 and e.attempts == [5]
+
+
+def test_lazy_export():
+    assert swm_fused.PostHocEMA is PostHocEMA and swm_fused.posthoc is posthoc
 
 
 def test_update_is_one_fused_pass(monkeypatch):
