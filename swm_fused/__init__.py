@@ -15,6 +15,8 @@ _LAZY = {
     "WeightAverager": "swm_fused.averager",
     "EMAWarmup": "swm_fused.averager",
     "AveragingEngine": "swm_fused.engine",
+    "PostHocEMA": "swm_fused.posthoc",
+    "posthoc": "swm_fused.posthoc",
     "flatten_parameters": "swm_fused.engine",
     "engine": "swm_fused.engine",
     "SWAG": "swm_fused.swag",

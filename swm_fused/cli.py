@@ -1,4 +1,4 @@
-"""Command line: ``swm-fused`` / ``python -m swm_fused`` with subcommands info, merge and demo.
+"""Command line: ``swm-fused`` / ``python -m swm_fused`` with subcommands info, merge, phema and demo.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``. Usage errors exit with 2 (argparse); bad input exits with 1
@@ -14,6 +14,7 @@ from typing import List, Optional
 SUBCOMMANDS = {
     "info": ("swm_fused.info", "show the available backends and why any is missing"),
     "merge": ("swm_fused.merge_cli", "merge K checkpoints into one (linear, TIES, DARE, SLERP, ...; streamed)"),
+    "phema": ("swm_fused.phema_cli", "reconstruct post-hoc EMA profiles of any length from PostHocEMA snapshots"),
     "demo": ("swm_fused.demo", "train trajectories on real data and compare SGD, EMA, SWA, SWM and ensembles"),
 }
 

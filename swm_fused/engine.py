@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .distributed import fsdp_modules, local_shard, reshard_fsdp
 from .flat import FlatBuffer
-from .ops import BoundLists, any_nonfinite, ema_, swa_, swag_
+from .ops import BoundLists, any_nonfinite, ema_, ema_multi_, swa_, swag_
 
 __all__ = ["AveragingEngine", "FlatParameters", "ModuleTensors", "StaleModelError", "flatten_parameters",
            "structure_epoch"]
@@ -671,6 +671,82 @@ class AveragingEngine:
                     self.skipped_tensor.add_(skipped)
         if flag is not None and self._groups[0].device != self.skipped_tensor.device:
             self.skipped_tensor.add_(flag.to(device=self.skipped_tensor.device, dtype=torch.int64))
+
+    # ------------------------------------------------------------------- several engines
+    def shares_layout(self, other: "AveragingEngine") -> bool:
+        """Whether ``other`` averages the same model object's tensors into averages laid out like this
+        engine's (same names, device groups, flat layouts and NaN/Inf setting), so both can be updated
+        by one :meth:`ema_multi` pass over the source."""
+        mine, theirs = getattr(self.source, "model", self.source), getattr(other.source, "model", other.source)
+        if other is self:
+            return True
+        if mine is not theirs or self.source.names != other.source.names \
+                or self.skip_nonfinite != other.skip_nonfinite or len(self._groups) != len(other._groups):
+            return False
+        return all(a.device == b.device and a.averaged == b.averaged and a.copied == b.copied
+                   and a.avg.layout_key() == b.avg.layout_key() for a, b in zip(self._groups, other._groups))
+
+    @staticmethod
+    @torch.no_grad()
+    def ema_multi(engines: Sequence["AveragingEngine"], weights: Sequence[float]) -> None:
+        """EMA of one model into K engines at once: ``average_k = lerp(average_k, model, weights[k])``.
+
+        When every engine :meth:`shares_layout` with the first, the source is read once per device
+        group by one :func:`~swm_fused.ema_multi_` call over the K flat averages, with one NaN/Inf
+        check shared by all K (no host sync); each engine's counters move as after
+        ``update("ema", decay=d_k)``, whose result it matches bit for bit when ``weights[k] == 1 - d_k``
+        exactly (float64 averages compute the weight in float64: 0.3 and 1 - 0.7 differ by an ulp).
+        Averages may differ in dtype. Engines that do not share a layout are updated one by one
+        (same results, K passes).
+        """
+        engines = list(engines)
+        weights = [float(w) for w in weights]
+        if not engines:
+            raise ValueError("ema_multi: give at least one engine")
+        if len(weights) != len(engines):
+            raise ValueError(f"ema_multi: {len(weights)} weights for {len(engines)} engines")
+        for e in engines:
+            if e._stash is not None:
+                raise RuntimeError(f"{e.what}: the average is swapped into the model; swap it back first")
+            if e.n_segments != 1:
+                raise ValueError(f"{e.what}: ema_multi needs engines with one segment")
+        first = engines[0]
+        if not all(first.shares_layout(e) for e in engines[1:]):
+            for e, w in zip(engines, weights):
+                e.update("ema", decay=1.0 - w)
+            return
+        tensors = first._current()
+        for e in engines[1:]:
+            e._current()
+        sources = first._group_sources(tensors)
+        flag = None
+        if first.skip_nonfinite:
+            flags = [any_nonfinite(src) for _, src in sources]
+            flag = flags[0]
+            for other in flags[1:]:
+                flag = flag + other.to(flag.device)
+        for g, (avg0, src) in enumerate(sources):
+            group = first._groups[g]
+            group_flag = flag if flag is None or flag.device == group.device else flag.to(group.device)
+            flat = avg0 is group.avg.storages  # a flattened model pairs storage by storage
+            avgs = [e._groups[g].avg.storages if flat else e._groups[g].avg for e in engines]
+            ema_multi_(avgs, src, weights, found_inf=group_flag)
+            live = first._local(tensors, group.copied) if group.copied else []
+            for e in engines:
+                eg = e._groups[g]
+                for dst, tensor in zip(eg.latest.views, live):
+                    src_t = tensor.to(eg.device)
+                    dst.copy_(src_t if group_flag is None else torch.where(group_flag != 0, dst, src_t))
+                if group_flag is None:
+                    eg.counts.add_(1)
+                else:
+                    eg.counts.sub_((group_flag != 0).to(torch.int64)).add_(1)
+        for e in engines:
+            if flag is not None:
+                e.skipped_tensor.add_((flag != 0).to(device=e.skipped_tensor.device, dtype=torch.int64))
+            e.attempts[0] += 1
+            e._tokens = [e._next_token]
+            e._next_token += 1
 
     # ------------------------------------------------------------------------ swapping
     @property

@@ -13,15 +13,24 @@ The math (equation numbers from the paper's arXiv version 2312.02696; docs/posth
 - inner product of two normalised profiles (Eq. 151, Algorithm 3), and the reconstruction
   (Algorithm 3): ``x = lstsq(A, b)``, ``A_ij = <p_i, p_j>``, ``b_i = <p_i, p*>``, then x / sum(x).
 
-Everything here is float64 numpy on the host: a handful of numbers per snapshot, never a tensor.
+The math is float64 numpy on the host: a handful of numbers per snapshot, never a tensor.
+:class:`PostHocEMA` tracks the profiles on the averaging engine (one fused ``ema_multi_`` pass per
+update) and writes snapshots; :func:`reconstruct` (and ``swm-fused phema``) rebuilds any profile
+from them. docs/posthoc.md describes the API and the snapshot format.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import numbers
-from typing import Iterable, Sequence, Tuple, Union
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
+from torch import Tensor
 
 MAX_SIGMA_REL = 12 ** -0.5
 """sigma_rel of gamma = 0, a uniform average (about 0.288675); wider profiles would need gamma < 0: rejected."""
@@ -141,3 +150,309 @@ def check_sigma_rels(sigma_rels: Union[float, Sequence[float]]) -> Tuple[float, 
     for s in values:
         sigma_rel_to_gamma(s)
     return values
+
+
+# =====================================================================================================
+# Tracking profiles while training, snapshots, and reconstruction from them
+# =====================================================================================================
+
+SNAPSHOT_PREFIX = "phema-"
+"""Snapshot files are ``phema-t{t:012d}-sigma{sigma_rel}.safetensors``; nothing else in the folder is read."""
+SNAPSHOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TIME_UNITS = ("steps", "samples")
+_META = "swm_fused.phema."  # metadata keys: swm_fused.phema.{sigma_rel,gamma,t,time,step,samples,fingerprint}
+_STATE_FORMAT = 1
+
+
+def model_fingerprint(shapes: Mapping[str, Sequence[int]]) -> str:
+    """A hash of the tensors' names and shapes (order-free): snapshots of different models differ."""
+    text = json.dumps(sorted((name, [int(d) for d in shape]) for name, shape in shapes.items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+class PostHocEMA:
+    """Power-function EMA profiles of a model (EDM2's post-hoc EMA), with snapshots to reconstruct any length later.
+
+    Args:
+        model: an ``nn.Module`` (its parameters) or a mapping name -> tensor, as for
+            :class:`~swm_fused.AveragingEngine`.
+        sigma_rels: the profiles' relative widths, each in (0, 0.288675]; EDM2 tracks 0.05 and 0.10.
+        snapshot_every: take a snapshot whenever an update crosses a multiple of this many time
+            units (steps or samples); None: only when :meth:`snapshot` is called.
+        snapshot_dir: where snapshots go (created when the first one is written).
+        snapshot_dtype: dtype of the snapshot files (float16 by default, as EDM2).
+        time: ``"steps"`` (t is the step number) or ``"samples"`` (t is the number of training
+            samples seen); only ratios of times enter the profiles.
+        dtype: the profiles' dtype (float32: fp32 profiles of a bf16 model).
+        skip_nonfinite: an update whose model tensors hold NaN/Inf leaves every profile unchanged
+            (checked on the device, no host sync).
+        device: where the profiles live (None: next to each tensor; ``"cpu"``: offloaded).
+
+    One :class:`~swm_fused.AveragingEngine` per profile; :meth:`update` folds the model into all of
+    them in one :func:`~swm_fused.ema_multi_` pass (:meth:`AveragingEngine.ema_multi`).
+
+    Time and skipped updates: the host cannot see the device's NaN/Inf flag without a sync, so
+    the profile's time advances on every :meth:`update` call, applied or skipped. A skipped update
+    at ``t`` leaves the profile at its previous state; the next applied update at ``t'`` scales
+    the old average by ``(t / t')**(gamma+1)``, so the mass the skipped iterate would have had,
+    on ``(t_prev, t]``, goes to the earlier iterates in proportion to their weights. The profile
+    remains a convex combination ending at ``t'``, slightly wider than ``tau**gamma``; snapshots
+    record ``t`` as the host counts it. If the very first update is skipped, the profiles keep the
+    model as it was when this object was built. ``skipped`` counts skipped updates (a device tensor).
+    """
+
+    def __init__(self, model: Any, sigma_rels: Union[float, Sequence[float]] = (0.05, 0.10),
+                 snapshot_every: Optional[int] = None, snapshot_dir: Optional[Union[str, os.PathLike]] = None,
+                 snapshot_dtype: torch.dtype = torch.float16, time: str = "steps",
+                 dtype: torch.dtype = torch.float32, skip_nonfinite: bool = True,
+                 device: Optional[Union[str, torch.device]] = None):
+        from .engine import AveragingEngine
+
+        self.sigma_rels = check_sigma_rels(sigma_rels)
+        if len(set(self.sigma_rels)) != len(self.sigma_rels):
+            raise ValueError(f"PostHocEMA: sigma_rels repeat a value: {list(self.sigma_rels)}")
+        self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
+        if time not in TIME_UNITS:
+            raise ValueError(f"PostHocEMA: time must be 'steps' or 'samples', got {time!r}")
+        if snapshot_every is not None:
+            snapshot_every = _count("PostHocEMA: snapshot_every", snapshot_every)
+            if snapshot_every <= 0:
+                raise ValueError(f"PostHocEMA: snapshot_every must be > 0, got {snapshot_every}")
+            if snapshot_dir is None:
+                raise ValueError("PostHocEMA: snapshot_every needs a snapshot_dir")
+        if snapshot_dtype not in SNAPSHOT_DTYPES:
+            raise TypeError(f"PostHocEMA: snapshot_dtype must be float16, bfloat16, float32 or float64, "
+                            f"got {snapshot_dtype}")
+        self.time = time
+        self.snapshot_every = snapshot_every
+        self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
+        self.snapshot_dtype = snapshot_dtype
+        self.engines = [AveragingEngine(model, dtype=dtype, device=device, skip_nonfinite=skip_nonfinite,
+                                        what=f"PostHocEMA(sigma_rel={s})") for s in self.sigma_rels]
+        first = self.engines[0]
+        self.fingerprint = model_fingerprint({n: t.shape for n, t in zip(first.names, first.model_tensors())})
+        self.t = 0              # time of the last update (0: none yet)
+        self.step = 0           # step of the last update
+        self.samples: Optional[int] = None  # samples seen at the last update, when given
+        self._snapshot_t = 0    # time of the last snapshot
+
+    # ------------------------------------------------------------------------------ updating
+    def update(self, step: Optional[int] = None, samples: Optional[int] = None) -> None:
+        """Fold the model into every profile at the current time.
+
+        ``step`` is the training step just completed (default: the previous one + 1); ``samples``
+        the number of training samples seen so far (required with ``time="samples"``). Call it
+        as often as you like: each profile's decay uses the time since the previous update
+        (Eq. 127), so updating every 10 steps keeps the same profile as updating every step.
+        Time must increase from call to call. A snapshot follows when ``snapshot_every`` is crossed.
+        """
+        from .engine import AveragingEngine
+
+        step = self.step + 1 if step is None else _count("update: step", step)
+        if samples is not None:
+            samples = _count("update: samples", samples)
+        if self.time == "samples" and samples is None:
+            raise ValueError("update: time='samples' needs samples= (training samples seen so far)")
+        t = step if self.time == "steps" else samples
+        if t <= self.t:
+            raise ValueError(f"update: time must increase: got {self.time} {t} after {self.t}")
+        dt = t - self.t
+        weights = [1.0 - power_function_beta(t, dt, g) for g in self.gammas]
+        AveragingEngine.ema_multi(self.engines, weights)
+        self.t, self.step, self.samples = t, step, samples
+        every = self.snapshot_every
+        if every is not None and t // every > self._snapshot_t // every:
+            self.snapshot()
+
+    @property
+    def skipped(self) -> Tensor:
+        """Updates skipped for NaN/Inf (a 0-dim device tensor; reading it as a number syncs)."""
+        return self.engines[0].skipped
+
+    def profile_state_dict(self, sigma_rel: float) -> Dict[str, Tensor]:
+        """Name -> the tracked profile ``sigma_rel`` (views into the live average)."""
+        return self.engines[self._index(sigma_rel)].average_state_dict()
+
+    def _index(self, sigma_rel: float) -> int:
+        try:
+            return self.sigma_rels.index(sigma_rel)
+        except ValueError:
+            raise ValueError(f"sigma_rel {sigma_rel} is not tracked; tracked: {list(self.sigma_rels)}") from None
+
+    # ----------------------------------------------------------------------------- snapshots
+    def snapshot_path(self, sigma_rel: float, t: Optional[int] = None) -> Path:
+        if self.snapshot_dir is None:
+            raise ValueError("snapshot: this PostHocEMA has no snapshot_dir")
+        return self.snapshot_dir / f"{SNAPSHOT_PREFIX}t{self.t if t is None else t:012d}-sigma{sigma_rel!r}.safetensors"
+
+    @torch.no_grad()
+    def snapshot(self) -> List[Path]:
+        """Write every profile at the current time: one safetensors file per profile, each atomically
+        (a temporary name beside it, fsync, ``os.replace``). Returns the paths."""
+        from .merge import writer
+
+        if self.snapshot_dir is None:
+            raise ValueError("snapshot: this PostHocEMA has no snapshot_dir")
+        if self.t == 0:
+            raise ValueError("snapshot: no update yet; a profile needs t > 0")
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for sigma_rel, gamma, engine in zip(self.sigma_rels, self.gammas, self.engines):
+            average = engine.average_state_dict()
+            if any(not type(t) is Tensor and hasattr(t, "full_tensor") for t in average.values()):
+                raise NotImplementedError("snapshot: sharded (DTensor) profiles; save state_dict() with "
+                                          "torch.distributed.checkpoint instead")
+            metadata = {"format": "pt", _META + "sigma_rel": repr(float(sigma_rel)), _META + "gamma": repr(gamma),
+                        _META + "t": str(self.t), _META + "time": self.time, _META + "step": str(self.step),
+                        _META + "samples": "" if self.samples is None else str(self.samples),
+                        _META + "fingerprint": self.fingerprint}
+            layout = [(name, self.snapshot_dtype if t.is_floating_point() else t.dtype, tuple(t.shape))
+                      for name, t in average.items()]
+            path = self.snapshot_path(sigma_rel)
+            with writer._atomic_output(path) as file:
+                file.write(writer._safetensors_header(layout, metadata))
+                for (name, dt, _), tensor in zip(layout, average.values()):
+                    writer.write_tensor(file, tensor.to(dt))
+            paths.append(path)
+        self._snapshot_t = self.t
+        return paths
+
+    # --------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything a resumed run needs to continue bit for bit (profile averages are live views)."""
+        return {"format": _STATE_FORMAT, "sigma_rels": list(self.sigma_rels), "time": self.time, "t": self.t,
+                "step": self.step, "samples": self.samples, "snapshot_t": self._snapshot_t,
+                "fingerprint": self.fingerprint,
+                "profiles": [{"average": e.average_state_dict(), "n_updates": e.attempts[0],
+                              "n_averaged": e.count(0).clone(), "skipped": e.skipped.clone()} for e in self.engines]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; everything is checked first, so on error nothing changes."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict: expected a mapping, got {type(state).__name__}")
+        keys = ("format", "sigma_rels", "time", "t", "step", "samples", "snapshot_t", "fingerprint", "profiles")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"load_state_dict: missing keys {missing}")
+        if state["format"] != _STATE_FORMAT:
+            raise ValueError(f"load_state_dict: unknown format {state['format']!r}")
+        if tuple(state["sigma_rels"]) != self.sigma_rels or state["time"] != self.time:
+            raise ValueError(f"load_state_dict: the state tracks sigma_rels {list(state['sigma_rels'])} in "
+                             f"{state['time']}, this PostHocEMA {list(self.sigma_rels)} in {self.time}")
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError("load_state_dict: the state is of another model (names or shapes differ)")
+        for key in ("t", "step", "snapshot_t"):
+            _count(f"load_state_dict: {key}", state[key])
+        if len(state["profiles"]) != len(self.engines):
+            raise ValueError(f"load_state_dict: {len(state['profiles'])} profiles for {len(self.engines)}")
+        for engine, profile in zip(self.engines, state["profiles"]):
+            engine.check_average("load_state_dict", profile["average"])
+        for engine, profile in zip(self.engines, state["profiles"]):
+            engine.load_average(profile["average"])
+            engine.set_counters([profile["n_averaged"]], [int(profile["n_updates"])], profile["skipped"])
+        self.t, self.step, self._snapshot_t = int(state["t"]), int(state["step"]), int(state["snapshot_t"])
+        self.samples = None if state["samples"] is None else int(state["samples"])
+
+    def __repr__(self) -> str:
+        return (f"PostHocEMA(sigma_rels={list(self.sigma_rels)}, time={self.time!r}, t={self.t}, "
+                f"snapshot_every={self.snapshot_every}, snapshot_dir={self.snapshot_dir})")
+
+
+# ------------------------------------------------------------------------------ reconstruction
+class Snapshot(NamedTuple):
+    """One snapshot file, as its metadata describes it."""
+    path: Path
+    t: int
+    sigma_rel: float
+    time: str
+    fingerprint: str
+
+
+def _metadata(path: Path) -> Dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (its header was validated by the reader)."""
+    import struct
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(length).decode("utf-8")).get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_snapshots(snapshot_dir: Union[str, os.PathLike]) -> List[Snapshot]:
+    """Every snapshot in ``snapshot_dir`` (``phema-*.safetensors``; temporary files of interrupted writes,
+    which start with a dot, are never read), checked to be of one model and one time unit."""
+    from .merge.readers import _SafetensorsFile
+
+    folder = Path(snapshot_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such snapshot folder")
+    snapshots = []
+    for path in sorted(folder.glob(SNAPSHOT_PREFIX + "*.safetensors")):
+        reader = _SafetensorsFile(str(path))  # validates the header against the file
+        try:
+            shapes = {k: info.shape for k, info in reader.infos.items()}
+        finally:
+            reader.close()
+        meta = _metadata(path)
+        try:
+            snap = Snapshot(path, int(meta[_META + "t"]), float(meta[_META + "sigma_rel"]), meta[_META + "time"],
+                            meta[_META + "fingerprint"])
+        except (KeyError, ValueError):
+            raise ValueError(f"{path}: not a post-hoc EMA snapshot (no {_META}* metadata)") from None
+        if model_fingerprint(shapes) != snap.fingerprint:
+            raise ValueError(f"{path}: its tensors do not match its recorded model fingerprint")
+        snapshots.append(snap)
+    if not snapshots:
+        raise ValueError(f"{folder}: no post-hoc EMA snapshots ({SNAPSHOT_PREFIX}*.safetensors)")
+    fingerprints = {s.fingerprint for s in snapshots}
+    if len(fingerprints) > 1:
+        by_print = {f: next(s.path.name for s in snapshots if s.fingerprint == f) for f in fingerprints}
+        raise ValueError(f"{folder}: snapshots of {len(fingerprints)} different models (names or shapes differ), "
+                         f"e.g. {', '.join(sorted(by_print.values()))}; keep one model's snapshots per folder")
+    units = {s.time for s in snapshots}
+    if len(units) > 1:
+        raise ValueError(f"{folder}: snapshots count time in both steps and samples")
+    return snapshots
+
+
+def plan_reconstruction(snapshots: Sequence[Snapshot], sigma_rel: float,
+                        at: Optional[int] = None) -> Tuple[List[Path], List[float], int]:
+    """(paths, weights, t*): the snapshots to combine for the profile ``sigma_rel`` at ``at`` (default:
+    the latest snapshot time), with nonzero weights summing to 1. ValueError on bad input."""
+    sigma_rel_to_gamma(sigma_rel)
+    t_star = max(s.t for s in snapshots) if at is None else _count("at", at)
+    x = solve_coefficients([(s.t, s.sigma_rel) for s in snapshots], (t_star, sigma_rel))
+    used = [i for i in range(len(snapshots)) if x[i] != 0.0]
+    return [snapshots[i].path for i in used], [float(x[i]) for i in used], t_star
+
+
+@torch.no_grad()
+def reconstruct(snapshot_dir: Union[str, os.PathLike], sigma_rel: float, at: Optional[int] = None
+                ) -> Dict[str, Tensor]:
+    """The EMA of width ``sigma_rel`` at time ``at`` (default: the last snapshot) from the snapshots in
+    ``snapshot_dir``: ``sum_i x_i theta_i`` with :func:`solve_coefficients`'s weights, accumulated
+    in float32 tensor by tensor (float32 tensors out)."""
+    from .merge.readers import _SafetensorsFile
+
+    paths, weights, _ = plan_reconstruction(read_snapshots(snapshot_dir), sigma_rel, at)
+    readers = [_SafetensorsFile(str(p)) for p in paths]
+    try:
+        out: Dict[str, Tensor] = {}
+        for key in readers[0].infos:
+            acc = None
+            for reader, w in zip(readers, weights):
+                tensor = reader.read(key)
+                term = tensor.to(torch.float32) * w
+                acc = term if acc is None else acc.add_(term)
+                reader.release(key, tensor)
+            out[key] = acc
+        return out
+    finally:
+        for reader in readers:
+            reader.close()

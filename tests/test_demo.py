@@ -99,6 +99,20 @@ def test_demo_prints_every_row(runs):
     assert "training" in result.stderr  # the progress bar
 
 
+def test_posthoc_line_reports_the_best_reconstruction(runs):
+    result = runs["first"]
+    assert result.returncode == 0, result.stderr
+    line = re.search(r"post-hoc EMA \(trajectory 1\): .* (\d+) float16 snapshots .*test NLL by sigma_rel: (.*)\n"
+                     r"  best on the test set: sigma_rel (\S+), (\S+)% accuracy, (\S+) NLL", result.stdout)
+    assert line, result.stdout
+    assert int(line[1]) == 2 * 3  # two profiles, one snapshot per epoch (TINY: 3 epochs)
+    nll = {float(s): float(v) for s, v in (pair.split(": ") for pair in line[2].split(", "))}
+    assert sorted(nll) == list(demo.POSTHOC_SIGMAS)
+    assert all(math.isfinite(v) and v > 0 for v in nll.values())
+    assert float(line[3]) == min(nll, key=nll.get) and float(line[5]) == min(nll.values())
+    assert 0.0 <= float(line[4]) <= 100.0
+
+
 def test_same_seed_repeats_and_another_seed_differs(runs, seed, capsys):
     """A second run with the seed (in this process, with its own thread settings) prints the same
     results; another seed (another split, init and data order) prints other numbers."""
