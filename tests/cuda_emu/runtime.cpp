@@ -11,8 +11,10 @@
 //
 // Divergence. Every thread of the scope must reach the same barrier (same call site). A thread reaching
 // a barrier at another call site than the ones already waiting, a scope whose remaining threads all
-// exited while others wait, or a pass in which nothing could run while threads are unfinished, aborts the
-// process with a message naming the kernel, block and call sites (a real GPU would hang or be undefined).
+// exited while others wait, or a pass in which nothing could run while threads are unfinished, abandons
+// the launch (its remaining threads and blocks never run) and throws std::runtime_error("cuda_emu: ...")
+// naming the kernel, block and call sites; torch turns it into a RuntimeError (a real GPU would hang or
+// be undefined). Not abort(): under pytest's fd capture the message of an aborting process is lost.
 //
 // Fibers. x86-64: a hand-rolled context switch (callee-saved registers and the stack pointer; no signal
 // mask syscall as in swapcontext). Elsewhere: ucontext. Stacks (128 KiB plus a PROT_NONE guard page) are
@@ -28,6 +30,7 @@
 #include <cstdio>
 #include <algorithm>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -81,19 +84,23 @@ cuda_emu_fiber_start:
 )");
 #endif
 
-[[noreturn]] void die(const std::string& message) {
-  std::fprintf(stderr, "cuda_emu: %s\n", message.c_str());
-  std::fflush(stderr);
-  std::abort();
-}
+// Errors on the scheduler's (the caller's) stack throw; run_block abandons the block first.
+[[noreturn]] void die(const std::string& message) { throw std::runtime_error("cuda_emu: " + message); }
 
 // The kernel's symbol when it is exported, else its parameter types (kernels in anonymous namespaces).
 std::string kernel_name(const void* kernel, const char* signature) {
   Dl_info info{};
   if (kernel == nullptr || dladdr(kernel, &info) == 0 || info.dli_sname == nullptr || info.dli_saddr != kernel) {
     std::string sig = signature ? signature : "";
-    const size_t from = sig.find("P = {"), to = sig.find('}', from == std::string::npos ? 0 : from);
-    if (from != std::string::npos && to != std::string::npos) sig = sig.substr(from + 5, to - from - 5);
+    const size_t from = sig.find("P = {");
+    if (from != std::string::npos) {  // "P = {...}", braces balanced ("{anonymous}")
+      size_t to = from + 5;
+      for (int depth = 1; to < sig.size(); ++to) {
+        depth += sig[to] == '{' ? 1 : sig[to] == '}' ? -1 : 0;
+        if (depth == 0) break;
+      }
+      sig = sig.substr(from + 5, to - from - 5);
+    }
     return "the kernel taking (" + sig + ")";
   }
   int status = 0;
@@ -164,6 +171,7 @@ struct Block {
   std::vector<Warp> warps;
   Barrier block_barrier;
   void* sched_sp = nullptr;
+  std::string error;  // set by a fiber that failed; the scheduler throws it
 #if !defined(__x86_64__)
   ucontext_t sched_ctx;
 #endif
@@ -189,7 +197,16 @@ std::string thread_name(const Block& b, int i) {
   return buf;
 }
 
-std::string site(const char* file, int line) { return std::string(file ? file : "?") + ":" + std::to_string(line); }
+// file:line with the file's last two path components (the build compiles copies in a staging folder).
+std::string site(const char* file, int line) {
+  std::string f = file ? file : "?";
+  const size_t last = f.rfind('/');
+  if (last != std::string::npos && last > 0) {
+    const size_t before = f.rfind('/', last - 1);
+    if (before != std::string::npos) f = f.substr(before + 1);
+  }
+  return f + ":" + std::to_string(line);
+}
 
 // A summary of every unfinished thread's state, for the abort messages.
 std::string census(const Block& b) {
@@ -227,6 +244,14 @@ void switch_to_scheduler(Block& b, Thread& t) {
 #else
   swapcontext(&t.ctx, &b.sched_ctx);
 #endif
+}
+
+// An error inside a fiber: exceptions cannot unwind through the fiber's entry, so the fiber records the
+// message and switches to the scheduler for good; run_block abandons the block and throws it.
+[[noreturn]] void fail(Block& b, const std::string& message) {
+  b.error = message;
+  switch_to_scheduler(b, b.threads[b.current]);
+  __builtin_trap();  // never resumed
 }
 
 extern "C" void cuda_emu_fiber_main(void* arg) {
@@ -287,6 +312,19 @@ Block& active(const char* what) {
   return *t_active;
 }
 
+// Gives back the stacks of a block abandoned after an error, and throws it.
+[[noreturn]] void abandon(Block& b) {
+  for (Thread& t : b.threads) {
+    if (t.stack != nullptr) t_stacks.give(t.stack);
+    t.stack = nullptr;
+  }
+  b.current = -1;
+  t_active = nullptr;
+  std::string message;
+  message.swap(b.error);
+  die(message);
+}
+
 // The calling thread arrives at `bar` (scope: the block, or one warp), then yields to the scheduler.
 void arrive(Block& b, Barrier& bar, State waiting, int first, int stride_end, const char* file, int line,
             const char* what) {
@@ -295,7 +333,7 @@ void arrive(Block& b, Barrier& bar, State waiting, int first, int stride_end, co
     bar.file = file;
     bar.line = line;
   } else if (bar.line != line || std::strcmp(bar.file, file) != 0) {
-    die(std::string("divergent ") + what + " in " + where(b) + ": " + thread_name(b, b.current) + " reached " +
+    fail(b, std::string("divergent ") + what + " in " + where(b) + ": " + thread_name(b, b.current) + " reached " +
         site(file, line) + " while other threads wait at " + site(bar.file, bar.line) + census(b));
   }
   me.state = waiting;
@@ -307,7 +345,7 @@ void arrive(Block& b, Barrier& bar, State waiting, int first, int stride_end, co
     bar.arrived = 0;
     if (waiting == State::AtBlockBarrier) ++g_block_barriers; else ++g_warp_barriers;
   } else if (bar.arrived + bar.exited == bar.size) {
-    die(std::string("divergent ") + what + " in " + where(b) + ": " + std::to_string(bar.exited) +
+    fail(b, std::string("divergent ") + what + " in " + where(b) + ": " + std::to_string(bar.exited) +
         " thread(s) of the scope exited, so the barrier at " + site(file, line) + " can never complete" + census(b));
   }
   switch_to_scheduler(b, me);
@@ -322,7 +360,9 @@ long long sync_stat(int which) {
 }
 
 void run_block(ThreadBody body, void* ctx, dim3 block, const void* kernel, const char* signature) {
-  if (t_active != nullptr) die("a kernel launched from inside a kernel (dynamic parallelism is not emulated)");
+  if (t_active != nullptr) {
+    fail(*t_active, "a kernel launched from inside a kernel (dynamic parallelism is not emulated)");
+  }
   Block& b = t_block;
   b.body = body;
   b.ctx = ctx;
@@ -351,6 +391,7 @@ void run_block(ThreadBody body, void* ctx, dim3 block, const void* kernel, const
       if (t.state != State::Runnable) continue;
       resume(b, i);
       progressed = true;
+      if (!b.error.empty()) abandon(b);
       if (t.state == State::Done) {
         t_stacks.give(t.stack);
         t.stack = nullptr;
@@ -360,18 +401,23 @@ void run_block(ThreadBody body, void* ctx, dim3 block, const void* kernel, const
         ++b.block_barrier.exited;
         // Threads still waiting for this one can never be released.
         if (b.block_barrier.arrived > 0 && b.block_barrier.arrived + b.block_barrier.exited == b.n) {
-          die("divergent __syncthreads() in " + where(b) + ": " + thread_name(b, i) + " exited while " +
+          b.error = ("divergent __syncthreads() in " + where(b) + ": " + thread_name(b, i) + " exited while " +
               std::to_string(b.block_barrier.arrived) + " thread(s) wait at " +
               site(b.block_barrier.file, b.block_barrier.line) + census(b));
+          abandon(b);
         }
         if (warp.arrived > 0 && warp.arrived + warp.exited == warp.size) {
-          die("divergent warp barrier (__shfl_down_sync) in " + where(b) + ": " + thread_name(b, i) +
+          b.error = ("divergent warp barrier (__shfl_down_sync) in " + where(b) + ": " + thread_name(b, i) +
               " exited while " + std::to_string(warp.arrived) + " lane(s) of its warp wait at " +
               site(warp.file, warp.line) + census(b));
+          abandon(b);
         }
       }
     }
-    if (!progressed) die("deadlock in " + where(b) + ": no thread can run" + census(b));
+    if (!progressed) {
+      b.error = "deadlock in " + where(b) + ": no thread can run" + census(b);
+      abandon(b);
+    }
   }
   b.current = -1;
   t_active = nullptr;
@@ -386,15 +432,15 @@ unsigned long long shfl_down_bits(unsigned int mask, unsigned long long bits, un
                                   const char* file, int line) {
   Block& b = active("__shfl_down_sync");
   if (mask != 0xffffffffu) {
-    die("__shfl_down_sync with mask " + std::to_string(mask) + " at " + site(file, line) +
+    fail(b, "__shfl_down_sync with mask " + std::to_string(mask) + " at " + site(file, line) +
         ": only the full mask 0xffffffff is emulated");
   }
-  if (width != 32) die("__shfl_down_sync with width " + std::to_string(width) + " at " + site(file, line) +
+  if (width != 32) fail(b, "__shfl_down_sync with width " + std::to_string(width) + " at " + site(file, line) +
                        ": only width 32 is emulated");
   const int i = b.current, w = i / 32, lane = i % 32;
   Warp& warp = b.warps[w];
   if (warp.barrier.size != 32) {
-    die("__shfl_down_sync with the full mask at " + site(file, line) + " in a warp of " +
+    fail(b, "__shfl_down_sync with the full mask at " + site(file, line) + " in a warp of " +
         std::to_string(warp.barrier.size) + " threads (" + where(b) + ", not a multiple of 32)");
   }
   warp.slots[lane] = bits;

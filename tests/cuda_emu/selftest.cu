@@ -1,5 +1,5 @@
 // Test-only kernels for the emulation layer itself (tests/cuda_emu): warp shuffles, __syncthreads with
-// __shared__ memory, and deliberately divergent barriers, which must abort with a message. Built like
+// __shared__ memory, and deliberately divergent barriers, which must fail the launch with a message. Built like
 // csrc/cuda/*.cu (launch syntax rewritten, cuda_emu.h force-included); glue.cpp exposes them as
 // swm_fused_emu::_emu_* ops.
 #include <cuda_runtime.h>
@@ -31,7 +31,7 @@ __global__ void neighbour_kernel(const float* in, float* out, int with_barriers)
   out[base + t] = got;
 }
 
-// Divergent on purpose; every mode must abort the process with a "divergent"/"deadlock" message.
+// Divergent on purpose; every mode must fail the launch with a "cuda_emu: ..." message.
 __global__ void divergent_kernel(int mode, float* sink) {
   const int t = static_cast<int>(threadIdx.x);
   __shared__ float s[64];

@@ -13,7 +13,7 @@
 //   * __shared__                      : storage shared by the block's threads (static thread_local:
 //                                       every fiber of a launch runs on one host thread).
 // A barrier that can never complete (threads exited or wait at another barrier: a divergent
-// barrier) aborts the process with a message instead of deadlocking. Anything else that needs
+// barrier) fails the launch with a message (std::runtime_error) instead of deadlocking. Anything else that needs
 // cooperating threads (other warp intrinsics, votes, atomics, dynamic shared memory, cooperative
 // groups, grid sync) is deliberately NOT defined, so a kernel that starts using it fails to compile
 // here instead of being emulated wrongly.
