@@ -28,10 +28,68 @@ def devices() -> List[torch.device]:
     return [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
-def rows() -> List[Tuple[str, torch.device]]:
-    """(backend, device) for every available backend on every device it runs on here."""
-    return [(name, device) for device in devices() for name in swm_fused.available_backends()
-            if dispatch.get_backend(name).supports(device)]
+class _ValidatedEmulatedKernels:
+    """The emulated CUDA kernels (tests/cuda_emu: csrc/cuda compiled for the host, run on CPU
+    tensors) behind the one validator, as every backend is: the check_* op, then the kernels."""
+
+    def __init__(self, emulated):
+        self._emu = emulated
+        self._checks = torch.ops.swm_fused
+
+    def lerp_(self, avgs, srcs, weight, weight_tensor, found_inf):
+        self._checks.check_lerp_(avgs, srcs, weight_tensor, found_inf)
+        self._emu.lerp_(avgs, srcs, weight, weight_tensor, found_inf)
+
+    def lerp_multi_(self, avgs, srcs, weights, found_inf):
+        self._checks.check_lerp_multi_([t for x in avgs for t in x], srcs, len(weights), found_inf)
+        self._emu.lerp_multi_(avgs, srcs, weights, found_inf)
+
+    def swag_(self, means, sq_means, srcs, weight, weight_tensor, found_inf):
+        self._checks.check_swag_(means, sq_means, srcs, weight_tensor, found_inf)
+        self._emu.swag_(means, sq_means, srcs, weight, weight_tensor, found_inf)
+
+    def merge_(self, outs, inputs, weights):
+        self._checks.check_merge_(outs, [t for x in inputs for t in x], len(weights))
+        self._emu.merge_(outs, inputs, weights)
+
+    def any_nonfinite(self, tensors):
+        self._checks.check_any_nonfinite(tensors)
+        return self._emu.any_nonfinite(tensors)
+
+    def sq_norm(self, tensors, scale):
+        self._checks.check_sq_norm(tensors, scale)
+        return self._emu.sq_norm(tensors, scale)
+
+    def sam_ascent_(self, params, grads, saved, scale, adaptive, found_inf):
+        self._checks.check_sam_ascent_(params, grads, saved, scale, found_inf)
+        self._emu.sam_ascent_(params, grads, saved, scale, adaptive, found_inf)
+
+
+def _emulated_cuda_row() -> List[Tuple[str, torch.device]]:
+    """("cuda_emu", cpu) when the emulated CUDA build is available: the CUDA kernels then run the
+    shared cases too, through the public ops (registered with dispatch for the tests' use only)."""
+    if "cuda_emu" in dispatch._probe_cache:
+        return [("cuda_emu", CPU)] if dispatch._probe_cache["cuda_emu"][0] is not None else []
+    try:
+        from cuda_emu import backend as emu_backend
+        emulated = emu_backend.load()
+        reason = emulated.unavailable_reason()
+    except Exception as exc:  # noqa: BLE001  (reported by tests/test_cuda_emulated.py)
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason:
+        dispatch._probe_cache["cuda_emu"] = (None, reason)
+        return []
+    kernels = _ValidatedEmulatedKernels(emulated)
+    dispatch._probe_cache["cuda_emu"] = (dispatch.Backend("cuda_emu", kernels, frozenset({"cpu"})), "")
+    return [("cuda_emu", CPU)]
+
+
+def rows(emulated: bool = False) -> List[Tuple[str, torch.device]]:
+    """(backend, device) for every available backend on every device it runs on here; with
+    ``emulated``, plus the CUDA kernels emulated on the CPU (tests/cuda_emu)."""
+    found = [(name, device) for device in devices() for name in swm_fused.available_backends()
+             if dispatch.get_backend(name).supports(device)]
+    return found + (_emulated_cuda_row() if emulated else [])
 
 
 def row_id(row: Tuple[str, torch.device]) -> str:

@@ -21,6 +21,8 @@ from _helpers import (BACKEND_TOLERANCES, FLOAT_DTYPES, assert_close, assert_unc
 DTYPE_PAIRS = list(itertools.product(FLOAT_DTYPES, FLOAT_DTYPES))
 ROWS = rows()  # (backend, device)
 OTHER_ROWS = [r for r in ROWS if r[0] != "reference"]
+# The contract's cases also run on the CUDA kernels emulated on the CPU (tests/cuda_emu, docs/cuda_emulation.md).
+KERNEL_ROWS = [r for r in rows(emulated=True) if r[0] != "reference"]
 BACKENDS = cpu_backends()  # the bad-input tests name devices in their messages: CPU only
 
 
@@ -52,21 +54,21 @@ def test_reference_any_nonfinite_matches_python():
 @pytest.mark.parametrize("size", [0, 1, 7, 4097])
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=_dtype_id)
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("row", OTHER_ROWS, ids=row_id)
+@pytest.mark.parametrize("row", KERNEL_ROWS, ids=row_id)
 def test_backend_matches_reference(row, op, pair, size):
     backend, device = row
     compare_to_reference(make_case(op, [(size,), (size, 2)], [pair[0]], [pair[1]], device=device), backend)
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("row", OTHER_ROWS, ids=row_id)
+@pytest.mark.parametrize("row", KERNEL_ROWS, ids=row_id)
 def test_large_tensor(row, op):
     backend, device = row
     compare_to_reference(make_case(op, [(2**20 + 3,)], [torch.float32], [torch.bfloat16], k=2, device=device), backend)
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("row", OTHER_ROWS, ids=row_id)
+@pytest.mark.parametrize("row", KERNEL_ROWS, ids=row_id)
 def test_many_small_tensors_with_mixed_dtypes(row, op):
     backend, device = row
     shapes = [(int(s),) for s in torch.randint(1, 64, (5000,))]
@@ -76,7 +78,7 @@ def test_many_small_tensors_with_mixed_dtypes(row, op):
 
 @pytest.mark.parametrize("layout", ["offset", "strided", "transposed"])
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("row", OTHER_ROWS, ids=row_id)
+@pytest.mark.parametrize("row", KERNEL_ROWS, ids=row_id)
 def test_misaligned_and_non_contiguous_views(row, op, layout):
     """Views one element into their storage (vector kernels take their scalar path), strided and
     transposed views, with every dtype in one list; gaps between the views stay untouched."""
@@ -110,7 +112,7 @@ def test_single_tensor_stands_for_a_list(row, op):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize("row", OTHER_ROWS, ids=row_id)
+@pytest.mark.parametrize("row", KERNEL_ROWS, ids=row_id)
 def test_ema_multi_k_profiles_with_mixed_dtypes(row, k):
     """K profiles (more than one launch takes, on GPUs, from 5), the profiles' dtypes differing at a position."""
     backend, device = row
@@ -133,7 +135,7 @@ def test_ema_multi_equals_k_separate_ema_calls_bit_for_bit(row):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 11])
-@pytest.mark.parametrize("row", OTHER_ROWS, ids=row_id)
+@pytest.mark.parametrize("row", KERNEL_ROWS, ids=row_id)
 def test_merge_k_inputs(row, k):
     backend, device = row
     case = make_case("merge_", [(4097,), (3, 7), (1,)], [torch.float32, torch.bfloat16], FLOAT_DTYPES, k=k,
@@ -143,7 +145,7 @@ def test_merge_k_inputs(row, k):
 
 @pytest.mark.parametrize("layout", ["contiguous", "offset", "strided"])
 @pytest.mark.parametrize("k,alias", [(1, 0), (2, 0), (3, 2), (8, 5), (11, 0), (11, 10)])
-@pytest.mark.parametrize("row", ROWS, ids=row_id)
+@pytest.mark.parametrize("row", ROWS + KERNEL_ROWS[len(OTHER_ROWS):], ids=row_id)
 def test_merge_in_place_when_out_is_an_input(row, k, alias, layout):
     """out is inputs[alias] (the same tensors); the other inputs have other dtypes at some positions."""
     backend, device = row
@@ -190,7 +192,7 @@ def test_non_contiguous_inputs(backend, op):
 
 @pytest.mark.parametrize("flag", [1.0, float("inf"), float("nan")], ids=["one", "inf", "nan"])
 @pytest.mark.parametrize("op", ["ema_", "swa_", "swag_", "ema_multi_"])
-@pytest.mark.parametrize("row", ROWS, ids=row_id)
+@pytest.mark.parametrize("row", ROWS + KERNEL_ROWS[len(OTHER_ROWS):], ids=row_id)
 def test_found_inf_set_changes_nothing_and_unset_changes_as_usual(row, op, flag):
     backend, device = row
     case = make_case(op, [(4097,), (7,)], [torch.float32, torch.bfloat16, torch.float64], [torch.float16],
@@ -205,7 +207,7 @@ def test_found_inf_set_changes_nothing_and_unset_changes_as_usual(row, op, flag)
 
 
 @pytest.mark.parametrize("op", ["swa_", "swag_"])
-@pytest.mark.parametrize("row", ROWS, ids=row_id)
+@pytest.mark.parametrize("row", ROWS + KERNEL_ROWS[len(OTHER_ROWS):], ids=row_id)
 def test_count_as_device_tensor_equals_int(row, op):
     backend, device = row
     case = make_case(op, [(4097,), (7,)], [torch.float32, torch.float64], [torch.bfloat16], device=device)
@@ -267,7 +269,7 @@ def _written_buffers(case: Dict) -> List[FlatBuffer]:
     return [case[k] for k in keys]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=row_id)
+@pytest.mark.parametrize("row", ROWS + KERNEL_ROWS[len(OTHER_ROWS):], ids=row_id)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "last", None])
 def test_any_nonfinite(row, bad):
     backend, device = row
