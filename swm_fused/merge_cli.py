@@ -11,10 +11,9 @@ error (exit 2), a bad input file exits 1; either way nothing is written.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
+from .cli import sigterm_unwinds
 from .merge import DTYPE_NAMES, MAJORITY_SIGNS, METHOD_ALIASES, METHODS, RESCALES, SHORT_DTYPE_NAMES
 
 # Flags that describe the merge itself: with --config they come from the file instead.
@@ -77,9 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the arithmetic runs (default: cpu)")
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like an exception, so the temporary output is removed
-
 
 def _per_model(values):
     """One value for every input, or one per input (the library checks the count)."""
@@ -99,25 +95,21 @@ def run(args: argparse.Namespace) -> int:
     elif not args.inputs:
         parser.error("give the checkpoints to merge (IN ...) or a config (--config YAML)")
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
-    try:
-        if args.config is not None:
-            merge_config(args.config, args.output, device=args.device, seed=args.seed)
-        else:
-            params = {"density": _per_model(args.density), "gamma": _per_model(args.gamma),
-                      "epsilon": _per_model(args.epsilon), "lambda_": args.lambda_,
-                      "t": None if args.t is None else args.t[0] if len(args.t) == 1 else list(args.t),
-                      "majority_sign": args.majority_sign, "rescale": args.rescale, "filter_wise": args.filter_wise}
-            merge_files(args.inputs, args.output, args.weights, dtype=args.dtype, device=args.device,
-                        normalize=args.normalize, method=args.method or "linear", base=args.base, seed=args.seed,
-                        **{k: v for k, v in params.items() if v is not None})
-    except MergeParameterError as exc:
-        parser.error(str(exc))
-    except KeyboardInterrupt:
-        print("swm-fused merge: interrupted; no output written", file=sys.stderr)
-        return 130
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    with sigterm_unwinds():
+        try:
+            if args.config is not None:
+                merge_config(args.config, args.output, device=args.device, seed=args.seed)
+            else:
+                params = {"density": _per_model(args.density), "gamma": _per_model(args.gamma),
+                          "epsilon": _per_model(args.epsilon), "lambda_": args.lambda_,
+                          "t": None if args.t is None else args.t[0] if len(args.t) == 1 else list(args.t),
+                          "majority_sign": args.majority_sign, "rescale": args.rescale, "filter_wise": args.filter_wise}
+                merge_files(args.inputs, args.output, args.weights, dtype=args.dtype, device=args.device,
+                            normalize=args.normalize, method=args.method or "linear", base=args.base, seed=args.seed,
+                            **{k: v for k, v in params.items() if v is not None})
+        except MergeParameterError as exc:
+            parser.error(str(exc))
+        except KeyboardInterrupt:
+            print("swm-fused merge: interrupted; no output written", file=sys.stderr)
+            return 130
     return 0

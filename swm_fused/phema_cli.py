@@ -10,11 +10,10 @@ target time no snapshot was taken at, or snapshots of different models exit 1.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 
+from .cli import sigterm_unwinds
 from .merge import DTYPE_NAMES, SHORT_DTYPE_NAMES
 
 
@@ -38,9 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show progress bars (default: when stderr is a terminal)")
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds, so the temporary output file is removed
-
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
@@ -62,20 +58,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{out_dir}: exists and is not a folder")
     snapshots = read_snapshots(args.snapshot_dir)
     plans = [(s, *plan_reconstruction(snapshots, s, args.at)) for s in sigma_rels]  # every check before writing
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tqdm(plans, desc="post-hoc EMA", unit="profile", file=sys.stderr,
-                  disable=None if args.progress is None else not args.progress) as bar:
-            for sigma_rel, paths, weights, t_star in bar:
-                out = out_dir / f"ema-sigma{sigma_rel!r}-t{t_star}.safetensors"
-                merge_files(paths, out, weights, normalize=False, dtype=args.dtype, progress=args.progress)
-                print(f"sigma_rel {sigma_rel}: {len(paths)} snapshots -> {out}")
-    except KeyboardInterrupt:
-        print("swm-fused phema: interrupted; the profile being written was not", file=sys.stderr)
-        return 130
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    with sigterm_unwinds():
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with tqdm(plans, desc="post-hoc EMA", unit="profile", file=sys.stderr,
+                      disable=None if args.progress is None else not args.progress) as bar:
+                for sigma_rel, paths, weights, t_star in bar:
+                    out = out_dir / f"ema-sigma{sigma_rel!r}-t{t_star}.safetensors"
+                    merge_files(paths, out, weights, normalize=False, dtype=args.dtype, progress=args.progress)
+                    print(f"sigma_rel {sigma_rel}: {len(paths)} snapshots -> {out}")
+        except KeyboardInterrupt:
+            print("swm-fused phema: interrupted; the profile being written was not", file=sys.stderr)
+            return 130
     return 0
