@@ -258,3 +258,42 @@ def test_importing_the_integration_imports_no_framework():
             "bad = [m for m in ('timm', 'diffusers', 'lightning', 'transformers', 'torchvision') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------ offload (GPU only)
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to offload from")
+
+
+@needs_timm
+@needs_gpu
+@pytest.mark.parametrize("dtype, extra", [(torch.float32, {}), (torch.bfloat16, dict(dtype=torch.float32)),
+                                          (torch.bfloat16, {})])
+def test_cpu_offload_of_a_gpu_model_matches_timm(dtype, extra):
+    """timm turns foreach off for an EMA on another device; ours stays one fused pass, bit for bit with timm."""
+    _needs_new_timm(extra)
+    model = make_model(dtype).cuda()
+    theirs = TIMM.ModelEmaV3(model, device="cpu", **WARMUP, **extra)
+    ours = ModelEmaV3(model, device="cpu", **WARMUP, **extra)
+    for step in range(1, 8):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+            model.train()
+            model(torch.randn(2, 3, 6, 6, dtype=dtype, device="cuda"))
+        theirs.update(model, step=step)
+        ours.update(model, step=step)
+    assert all(v.device.type == "cpu" for v in ours.state_dict().values())
+    assert_same_state(theirs.state_dict(), ours.state_dict(), what="offloaded")
+
+
+@needs_gpu
+def test_update_on_a_gpu_passes_the_sync_debug_mode():
+    model = make_model().cuda()
+    ours = ModelEmaV3(model, decay=0.9, use_warmup=True)
+    ours.update(model, step=1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 5):
+            ours.update(model, step=step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
