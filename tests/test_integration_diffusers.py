@@ -325,3 +325,12 @@ def test_step_on_a_gpu_passes_the_sync_debug_mode():
             ours.step(model.parameters())
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_example_runs():
+    import pathlib
+    import runpy
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "diffusers_ema.py"
+    result = runpy.run_path(str(path))["main"](["--steps", "20"])
+    assert set(result) == {"model", "ema"}

@@ -297,3 +297,12 @@ def test_update_on_a_gpu_passes_the_sync_debug_mode():
             ours.update(model, step=step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_example_runs():
+    import pathlib
+    import runpy
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "timm_ema.py"
+    result = runpy.run_path(str(path))["main"](["--steps", "20"])
+    assert set(result) == {"model", "ema", "fp32 ema of bf16"}

@@ -305,7 +305,7 @@ class EMAModel:
         frozen = [i for i, p in enumerate(params) if not p.requires_grad]
         if frozen:
             shadows = engine.views()
-            torch._foreach_copy_([shadows[i] for i in frozen], [params[i] for i in frozen], non_blocking=True)
+            torch._foreach_copy_([shadows[i] for i in frozen], [params[i] for i in frozen])
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[Tensor]) -> None:
