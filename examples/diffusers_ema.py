@@ -22,7 +22,8 @@ from torch import Tensor, nn  # noqa: E402
 from diffusers import ConfigMixin, ModelMixin  # noqa: E402
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 
-from swm_fused.integrations.diffusers import EMAModel  # was: from diffusers.training_utils import EMAModel  # noqa: E402
+# was: from diffusers.training_utils import EMAModel
+from swm_fused.integrations.diffusers import EMAModel  # noqa: E402
 
 
 class TinyDenoiser(ModelMixin, ConfigMixin):

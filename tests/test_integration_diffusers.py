@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any, Dict, List
+from typing import Any, List
 
 import pytest
 import torch

@@ -133,6 +133,21 @@ def test_checkpoints_move_both_ways():
     assert_same_state(theirs.state_dict(), other.state_dict(), what="state_dict_ema")
 
 
+@needs_timm
+def test_set_copies_the_model_like_timms():
+    model = make_model()
+    theirs, ours = TIMM.ModelEmaV3(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    for step in range(1, 4):
+        train_step(model, torch.float32)
+        theirs.update(model, step=step)
+        ours.update(model, step=step)
+    train_step(model, torch.float32)
+    theirs.set(model)
+    ours.set(model)
+    assert_same_state(theirs.state_dict(), ours.state_dict(), what="set")
+    assert_same_state({f"module.{k}": v for k, v in model.state_dict().items()}, ours.state_dict(), what="model")
+
+
 def test_updates_land_in_module_state_dict_and_forward_without_copies():
     model = make_model()
     ours = ModelEmaV3(model, decay=0.5)
@@ -161,11 +176,17 @@ def test_wrapped_model_pairs_with_the_inner_one_and_other_models_re_pair():
     ours.update(Wrapper(model), step=5)
     reference.update(model, step=5)
     assert ours.engine is engine  # no re-pairing for a wrapper of the same model
+    compiled = nn.Module()
+    compiled._orig_mod = model  # how torch.compile's OptimizedModule holds the model
+    train_step(model, torch.float32)
+    ours.update(compiled, step=6)
+    reference.update(model, step=6)
+    assert ours.engine is engine
     assert_same_state(reference.state_dict(), ours.state_dict(), what="wrapped")
     other = make_model()
     other.load_state_dict(model.state_dict())
-    ours.update(other, step=6)  # same names and shapes: re-paired, the average carries over
-    reference.update(model, step=6)
+    ours.update(other, step=7)  # same names and shapes: re-paired, the average carries over
+    reference.update(model, step=7)
     assert ours.engine is not engine
     assert_same_state(reference.state_dict(), ours.state_dict(), what="re-paired")
     with pytest.raises(ValueError, match="cannot be paired"):

@@ -48,7 +48,7 @@ from __future__ import annotations
 import numbers
 import weakref
 from copy import deepcopy
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
