@@ -245,6 +245,14 @@ def _average_dtype(dtype: Optional[torch.dtype], tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
+DtypeArg = Union[Optional[torch.dtype], Sequence[Optional[torch.dtype]]]
+
+
+def _dtype_of(dtype: DtypeArg, index: int) -> Optional[torch.dtype]:
+    """The average dtype asked for tensor ``index``: one for all, or the entry of a per-tensor tuple."""
+    return dtype[index] if isinstance(dtype, tuple) else dtype
+
+
 # ------------------------------------------------------------------------------ device groups
 class _Group:
     """The average of the tensors whose average lives on one device.
@@ -254,13 +262,14 @@ class _Group:
     ``averaged`` / ``copied`` are indices into the engine's tensor list.
     """
 
-    def __init__(self, device: torch.device, dtype: Optional[torch.dtype], indices: Sequence[int],
+    def __init__(self, device: torch.device, dtype: DtypeArg, indices: Sequence[int],
                  tensors: Sequence[Tensor], segment_of: Sequence[int], n_segments: int, second_moment: bool):
         self.device = device
         self.averaged = [i for i in indices if tensors[i].is_floating_point()]
         self.copied = [i for i in indices if not tensors[i].is_floating_point()]
         local = [local_shard(tensors[i]) for i in self.averaged]
-        self.avg = FlatBuffer([(t.shape, _average_dtype(dtype, t), device) for t in local]).copy_(local)
+        self.avg = FlatBuffer([(t.shape, _average_dtype(_dtype_of(dtype, i), t), device)
+                               for i, t in zip(self.averaged, local)]).copy_(local)
         self.latest = FlatBuffer.from_tensors([local_shard(tensors[i]) for i in self.copied], device=device)
         self.sq: Optional[FlatBuffer] = FlatBuffer.zeros_like(self.avg) if second_moment else None
         self.counts = torch.zeros(n_segments, dtype=torch.int64, device=device)
@@ -298,7 +307,9 @@ class AveragingEngine:
         model: an ``nn.Module`` (its parameters, plus buffers with ``include_buffers``),
             a mapping name -> tensor, or a sequence of (name, tensor) pairs (held by reference).
         dtype: the average's dtype; ``None`` keeps float64 tensors in float64 and
-            averages the rest in float32.
+            averages the rest in float32. A list or tuple gives one entry (a dtype or ``None``)
+            per tensor, in :attr:`names` order (entries of non-floating tensors are ignored), e.g.
+            to keep each average in its tensor's own dtype as timm's and diffusers' EMAs do.
         device: where the average lives; ``None`` keeps it next to each tensor.
         skip_nonfinite: an update whose tensors hold NaN/Inf changes nothing and counts in
             :attr:`skipped` (checked on the device).
@@ -309,11 +320,17 @@ class AveragingEngine:
     """
 
     def __init__(self, model: Union[ModelLike, Sequence[Tuple[str, Tensor]]], *,
-                 dtype: Optional[torch.dtype] = torch.float32,
+                 dtype: DtypeArg = torch.float32,
                  device: Optional[Union[str, torch.device]] = None, include_buffers: bool = False,
                  skip_nonfinite: bool = True, segments: Optional[Sequence[int]] = None, second_moment: bool = False,
                  what: str = "AveragingEngine"):
-        if dtype is not None and dtype not in AVERAGE_DTYPES:
+        if isinstance(dtype, (list, tuple)):
+            dtype = tuple(dtype)
+            bad = [d for d in dtype if d is not None and d not in AVERAGE_DTYPES]
+            if bad:
+                raise TypeError(f"{what}: each dtype must be float32, float64, bfloat16, float16 or None, "
+                                f"got {bad[0]}")
+        elif dtype is not None and dtype not in AVERAGE_DTYPES:
             raise TypeError(f"{what}: dtype must be float32, float64, bfloat16, float16 or None, got {dtype}")
         if isinstance(model, (nn.Module, Mapping)):
             self.source: Union[ModuleTensors, _FixedTensors] = ModuleTensors(model, include_buffers, f"{what}: model")
@@ -322,6 +339,8 @@ class AveragingEngine:
         tensors = self.source.tensors()
         if not tensors:
             raise ValueError(f"{what}: the model has no tensors to average")
+        if isinstance(dtype, tuple) and len(dtype) != len(tensors):
+            raise ValueError(f"{what}: {len(dtype)} dtypes for {len(tensors)} tensors")
         self.what = what
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
@@ -882,7 +901,8 @@ class AveragingEngine:
         if self._stash is not None:
             raise RuntimeError(f"{self.what}: the average is swapped into the model; swap it back first")
         old_named = list(zip(self.source.names, self.source.tensors()))
-        grown = AveragingEngine(old_named + list(named), dtype=self.dtype, device=self.device,
+        dtype = self.dtype + (None,) * len(named) if isinstance(self.dtype, tuple) else self.dtype
+        grown = AveragingEngine(old_named + list(named), dtype=dtype, device=self.device,
                                 skip_nonfinite=self.skip_nonfinite,
                                 segments=self.segment_of + [segment] * len(named), what=self.what)
         with torch.no_grad():

@@ -254,3 +254,30 @@ def test_exception_type_rule():
     with averager.swapped():
         with pytest.raises(RuntimeError):
             averager.update()
+
+
+def test_per_tensor_average_dtypes():
+    """dtype may give one entry per tensor (names order): each average keeps its own dtype, in one update."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    model[2].to(torch.bfloat16)
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    dtypes = [torch.float64 if n.startswith("1.") else None for n in names]  # None: the default rule
+    engine = AveragingEngine(model, dtype=dtypes, include_buffers=True, skip_nonfinite=False)
+    got = {n: v.dtype for n, v in engine.average_state_dict().items()}
+    assert got["1.weight"] == got["1.running_mean"] == torch.float64
+    assert got["0.weight"] == got["2.weight"] == torch.float32
+    assert got["1.num_batches_tracked"] == torch.int64  # integer tensors keep their latest value
+    kept = tuple(t.dtype if t.is_floating_point() else None for t in engine.model_tensors())
+    same = AveragingEngine(model, dtype=kept, include_buffers=True)
+    assert [v.dtype for v in same.views()] == [t.dtype for t in engine.model_tensors()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    same.update("ema", decay=0.5)
+    for view, tensor in zip(same.views(), engine.model_tensors()):
+        if tensor.is_floating_point() and view.dim() and tensor.requires_grad:
+            assert_close(view, tensor.detach() - 0.5, atol=1e-2, rtol=0, what="mixed-dtype update")
+    with pytest.raises(ValueError, match="dtypes for"):
+        AveragingEngine(model, dtype=[torch.float32])
+    with pytest.raises(TypeError, match="each dtype"):
+        AveragingEngine(model, dtype=[torch.int32] * len(names), include_buffers=True)
