@@ -295,14 +295,22 @@ def test_a_saved_average_from_another_mode_or_step_is_refused(full_run, tmp_path
     assert_same_bits(callback.averager.average_state_dict(), before, "average after refused loads")
 
 
-# ------------------------------------------------------------------------------ DDP, 2 gloo ranks
+# ---------------------------------------------------------------------- 2 gloo ranks: DDP and FSDP2
+# One spawn (each rank pays the torch and transformers imports once) runs both parts.
 DDP_STEPS, DDP_SAVE = 6, 3
+FSDP_STEPS, FSDP_SAVE, FSDP_DECAY = 4, 2, 0.6
 
 
-def _ddp_worker(rank: int, world: int, seed: int, out: str) -> Dict[str, Any]:
+def _ranks_worker(rank: int, world: int, seed: int, out: str) -> Dict[str, Any]:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
     hf_logging.set_verbosity_error()
+    return {"ddp": _ddp_part(rank, world, seed, os.path.join(out, "ddp")),
+            "fsdp": _fsdp_part(rank, world, seed, os.path.join(out, "fsdp"))}
+
+
+def _ddp_part(rank: int, world: int, seed: int, out: str) -> Dict[str, Any]:
+    """The real Trainer under accelerate's MULTI_CPU DDP: a run, then a resume from its checkpoint."""
     results: Dict[str, Any] = {}
     for phase, resume in (("full", None), ("resumed", os.path.join(out, f"checkpoint-{DDP_SAVE}"))):
         model = tiny_model(seed + rank)  # different inits: DDP broadcasts rank 0's weights
@@ -315,31 +323,140 @@ def _ddp_worker(rank: int, world: int, seed: int, out: str) -> Dict[str, Any]:
         trainer = Trainer(model=model, args=args, train_dataset=TokenData(64, seed), optimizers=(optimizer, None),
                           callbacks=[ema, recorder])
         assert trainer.args.parallel_mode.name == "DISTRIBUTED" and trainer.args.world_size == world
+        assert type(trainer.accelerator.prepare_model(model)).__name__ == "DistributedDataParallel"
         trainer.train(resume_from_checkpoint=resume)
         results[phase] = {"average": clone(ema.averager.average_state_dict()), "steps": recorder.after_step,
                           "averager_step": ema.averager.step}
     return results
 
 
-def test_ddp_under_accelerate_two_gloo_ranks(tmp_path, fresh_seed):
-    out = str(tmp_path / "ddp")
-    results = run_ranks(_ddp_worker, 2, tmp_path, fresh_seed, out)
+def _fsdp_part(rank: int, world: int, seed: int, out: str) -> Dict[str, Any]:
+    """FSDP2 (fully_shard) on CPU: accelerate runs FSDP only on accelerators (on CPU it silently falls back to
+    DDP), so the Trainer's events are driven here by a plain loop over a sharded model, with the Trainer's own
+    state objects. Returns full (gathered) tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    from transformers import TrainerControl, TrainerState
+
+    mesh = init_device_mesh("cpu", (world,))
+    args = TrainingArguments(output_dir=out, use_cpu=True, report_to=[])
+    data = TokenData(FSDP_STEPS * world * 2, seed).ids.view(FSDP_STEPS, world, 2, SEQ)
+    eval_ids = TokenData(2, seed + 5).ids
+
+    def sharded(model_seed: int, weights: Dict[str, Tensor] = None):
+        model = tiny_model(model_seed)
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        if weights is not None:  # each rank copies its own slice, no communication
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.to_local().copy_(distribute_tensor(weights[name], mesh, p.placements, src_data_rank=None).to_local())
+        return model
+
+    def full(model) -> Dict[str, Tensor]:
+        return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+    def train(model, callback, state, control, steps, record):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2)  # no optimizer state: a resume needs none
+        for step in steps:
+            loss = model(input_ids=data[step, rank], labels=data[step, rank]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            state.global_step += 1
+            record.append(full(model))
+            control.should_evaluate = step + 1 == FSDP_STEPS
+            callback.on_step_end(args, state, control, model=model)
+            if state.global_step == FSDP_SAVE:
+                folder = os.path.join(out, f"checkpoint-{FSDP_SAVE}")
+                if rank == 0:
+                    os.makedirs(folder, exist_ok=True)
+                    state.save_to_json(os.path.join(folder, "trainer_state.json"))
+                torch.distributed.barrier()
+                callback.on_save(args, state, control, model=model)  # every rank gathers, rank 0 writes
+                torch.distributed.barrier()
+
+    results: Dict[str, Any] = {}
+    model = sharded(seed)
+    assert isinstance(next(model.parameters()), DTensor)
+    callback, state, control = WeightAveragingCallback("ema", decay=FSDP_DECAY), TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control, model=model)
+    record: List[Dict[str, Tensor]] = []
+    train(model, callback, state, control, range(FSDP_STEPS), record)
+    average = {n: t.full_tensor() for n, t in callback.averager.average_state_dict().items()}
+    # the Trainer's flow asked for an evaluation at the last step: its forward runs on the average
+    model.eval()
+    with torch.no_grad():
+        results["eval_logits"] = model(input_ids=eval_ids).logits
+    callback.on_evaluate(args, state, control, model=model)
+    model.train()
+    results["after_eval"] = full(model)
+    callback.on_train_end(args, state, control, model=model)
+    results.update(steps=record, average=average, at_end=full(model))
+
+    # resume from checkpoint-2 in a fresh callback and a sharded model of another init
+    resumed_model = sharded(seed + 1, record[FSDP_SAVE - 1])
+    callback = WeightAveragingCallback("ema", decay=FSDP_DECAY, copy_to_model_at_end=False)
+    state = TrainerState.load_from_json(os.path.join(out, f"checkpoint-{FSDP_SAVE}", "trainer_state.json"))
+    callback.on_train_begin(args, state, control, model=resumed_model)
+    train(resumed_model, callback, state, TrainerControl(), range(FSDP_SAVE, FSDP_STEPS), [])
+    results["resumed"] = {n: t.full_tensor() for n, t in callback.averager.average_state_dict().items()}
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    seed = random.randrange(2**31)
+    print(f"two_ranks seed={seed}")
+    tmp = tmp_path_factory.mktemp("hf_ranks")
+    results = run_ranks(_ranks_worker, 2, tmp, seed, str(tmp / "out"))
     errors = [r["traceback"] for r in results if "error" in r]
     assert not errors, errors[0]
-    ranks = [r["ok"] for r in results]
+    return {"ranks": [r["ok"] for r in results], "out": str(tmp / "out"), "seed": seed}
+
+
+def hand_ema_fixed(weights: List[Dict[str, Tensor]], decay: float) -> Dict[str, Tensor]:
+    expected = {n: t.double() for n, t in weights[0].items()}
+    for theta in weights[1:]:
+        expected = {n: decay * expected[n] + (1 - decay) * theta[n].double() for n in expected}
+    return expected
+
+
+def test_ddp_under_accelerate_two_gloo_ranks(two_ranks):
+    ranks = [r["ddp"] for r in two_ranks["ranks"]]
     # replicas stay identical, so the averages of both ranks are equal bit for bit
     assert_same_bits(ranks[0]["full"]["average"], ranks[1]["full"]["average"], "rank 0 vs rank 1")
     steps = ranks[0]["full"]["steps"]
     assert len(steps) == DDP_STEPS and ranks[0]["full"]["averager_step"] == DDP_STEPS
-    expected = {n: t.double() for n, t in steps[0].items()}
-    for theta in steps[1:]:
-        expected = {n: 0.7 * expected[n] + 0.3 * theta[n].double() for n in expected}
-    assert_average(ranks[0]["full"]["average"], expected, "DDP EMA")
-    # one writer; both ranks resume from the file and continue bit for bit
-    assert os.path.isfile(os.path.join(out, f"checkpoint-{DDP_SAVE}", "swm_fused_ema.safetensors"))
+    assert_average(ranks[0]["full"]["average"], hand_ema_fixed(steps, 0.7), "DDP EMA")
+    # one file (rank 0 writes); both ranks resume from it and continue bit for bit
+    assert os.path.isfile(os.path.join(two_ranks["out"], "ddp", f"checkpoint-{DDP_SAVE}", "swm_fused_ema.safetensors"))
     for rank in ranks:
         assert rank["resumed"]["averager_step"] == DDP_STEPS
         assert_same_bits(rank["resumed"]["average"], ranks[0]["full"]["average"], "resumed DDP EMA")
+
+
+def test_fsdp2_shards_average_save_gathered_resume_and_evaluate_on_the_average(two_ranks):
+    ranks = [r["fsdp"] for r in two_ranks["ranks"]]
+    steps = ranks[0]["steps"]
+    expected = hand_ema_fixed(steps, FSDP_DECAY)
+    for rank in ranks:
+        assert_average(rank["average"], expected, "FSDP2 EMA (gathered)")
+        assert_same_bits(rank["resumed"], rank["average"], "FSDP2 EMA resumed from checkpoint-2")
+        assert_same_bits(rank["after_eval"], steps[-1], "training weights after the evaluation")
+        assert_same_bits(rank["at_end"], rank["average"], "model after copy_to_model_at_end")
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(two_ranks["out"], "fsdp", f"checkpoint-{FSDP_SAVE}", "swm_fused_ema.safetensors"))
+    assert_average(saved, hand_ema_fixed(steps[:FSDP_SAVE], FSDP_DECAY), "checkpoint-2 file (full tensors)")
+    # the evaluation's forward ran on the average: the same logits as an unsharded model holding it
+    reference = tiny_model(0)
+    reference.load_state_dict(ranks[0]["average"], strict=False)
+    with torch.no_grad():
+        logits = reference(input_ids=TokenData(2, two_ranks["seed"] + 5).ids).logits
+    for rank in ranks:
+        assert_close(rank["eval_logits"], logits, atol=1e-5, rtol=1e-5, what="logits evaluated on the average")
 
 
 # ---------------------------------------------------------------------------- arguments, imports
