@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 import glob
 import importlib
+import importlib.util
 import json
 import random
 import shutil
@@ -37,6 +38,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from swm_fused.integrations.transformers import WeightAveragingCallback  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, SEQ = 64, 16
 STEPS, ACCUM, BATCH = 24, 3, 4
 N_TRAIN = 96  # 24 micro-batches of 4 per epoch: 8 optimizer steps per epoch, 3 epochs
@@ -483,3 +485,24 @@ def test_missing_transformers_raises_an_import_error_naming_the_extra(monkeypatc
     monkeypatch.delitem(sys.modules, "swm_fused.integrations.transformers")
     with pytest.raises(ImportError, match=r"pip install 'swm_fused\[transformers\]'"):
         importlib.import_module("swm_fused.integrations.transformers")
+
+
+def test_import_swm_fused_does_not_import_transformers():
+    import subprocess
+    code = ("import sys, swm_fused, swm_fused.integrations\n"
+            "from swm_fused import WeightAverager, EMAWarmup, AveragingEngine\n"
+            "loaded = [m for m in ('transformers', 'accelerate') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_example_trains_evaluates_and_resumes_bit_for_bit(tmp_path):
+    spec = importlib.util.spec_from_file_location("hf_trainer_ema", os.path.join(ROOT, "examples", "hf_trainer_ema.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--steps", "8", "--output-dir", str(tmp_path)])
+    assert result["resumed_bit_for_bit"] == 1.0
+    assert torch.isfinite(torch.tensor([result["raw_loss"], result["ema_loss"]])).all()
+    assert result["raw_loss"] != result["ema_loss"]  # the second evaluation really ran on the average
