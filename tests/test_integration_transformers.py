@@ -297,6 +297,26 @@ def test_a_saved_average_from_another_mode_or_step_is_refused(full_run, tmp_path
     assert_same_bits(callback.averager.average_state_dict(), before, "average after refused loads")
 
 
+def test_load_best_model_at_end_takes_the_average_of_the_best_checkpoint(tmp_path, fresh_seed):
+    scores = iter([1.0, 3.0, 2.0])  # evaluations at steps 4, 8, 12: the middle one is the best
+    model = tiny_model(fresh_seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ema = WeightAveragingCallback("ema", decay=EMA_DECAY, warmup=EMA_WARMUP)
+    recorder = Recorder(optimizer, model)
+    args = training_args(str(tmp_path), fresh_seed, max_steps=12, eval_steps=4, save_steps=4,
+                         load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(N_TRAIN, fresh_seed),
+                      eval_dataset=TokenData(4, fresh_seed + 1), optimizers=(optimizer, None),
+                      compute_metrics=lambda _: {"score": next(scores)}, callbacks=[ema, recorder])
+    trainer.train()
+    assert os.path.basename(trainer.state.best_model_checkpoint) == "checkpoint-8"
+    from safetensors.torch import load_file
+    best = load_file(os.path.join(trainer.state.best_model_checkpoint, ema.file_name))
+    assert ema.averager.step == 8
+    assert_same_bits({n: p.detach() for n, p in model.named_parameters()}, best, "model at the end")
+    assert_average(best, hand_ema(recorder.after_step[:8]), "the best checkpoint's EMA")
+
+
 # ---------------------------------------------------------------------- 2 gloo ranks: DDP and FSDP2
 # One spawn (each rank pays the torch and transformers imports once) runs both parts.
 DDP_STEPS, DDP_SAVE = 6, 3

@@ -22,7 +22,9 @@ What it does, event by event:
   of eval datasets gets the average for each of them.
 - ``on_save``: the average and its counters go into the checkpoint folder, one safetensors file written
   atomically; a resume from that folder continues bit for bit.
-- ``on_train_end`` (``copy_to_model_at_end=True``): the average is written into the model.
+- ``on_train_end``: with ``load_best_model_at_end`` the average saved in the best checkpoint is loaded (the
+  Trainer has just loaded that checkpoint's model); with ``copy_to_model_at_end=True`` the average is
+  written into the model.
 
 Under DDP each rank averages its own replica (identical on every rank); under FSDP2 each rank averages its
 own shards and a checkpoint gathers them into full tensors (every rank takes part, one writes).
@@ -151,6 +153,7 @@ class WeightAveragingCallback(_transformers.TrainerCallback):
         self._model: Optional[torch.nn.Module] = None
         self._hook: Optional[Any] = None  # the forward pre-hook that swaps the average in for an evaluation
         self._swapped_for_eval = False
+        self._global_step = 0  # the Trainer's step, recorded in saved files
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -301,7 +304,14 @@ class WeightAveragingCallback(_transformers.TrainerCallback):
     def on_train_end(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl",
                      model: Optional[torch.nn.Module] = None, **kwargs: Any) -> None:
         self._disarm()
-        if not self.copy_to_model_at_end or self._averager is None:
+        if self._averager is None:
+            return
+        best = state.best_model_checkpoint if getattr(args, "load_best_model_at_end", False) else None
+        if best and os.path.isfile(os.path.join(best, self.file_name)):
+            # the Trainer has just loaded the best checkpoint's model: take that checkpoint's average too
+            self.load(best)
+            logger.info(f"WeightAveragingCallback: load_best_model_at_end: loaded the average of {best}")
+        if not self.copy_to_model_at_end:
             return
         if self.n_applied == 0:
             logger.warning(f"WeightAveragingCallback: no step was averaged (start_step={self.start_step}, "
@@ -310,8 +320,6 @@ class WeightAveragingCallback(_transformers.TrainerCallback):
         self._averager.copy_to(model if model is not None else self._model)
 
     # ------------------------------------------------------------------ internals
-    _global_step: int = 0
-
     def _arm(self, control: "TrainerControl") -> None:
         """When the Trainer's flow asks for an evaluation, swap the average in at the evaluation's first forward.
 
