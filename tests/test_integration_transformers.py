@@ -294,6 +294,13 @@ def test_a_saved_average_from_another_mode_or_step_is_refused(full_run, tmp_path
         callback.load(folder)
     with pytest.raises(ValueError, match="saved at step 12"):
         WeightAveragingCallback("swa").load(folder, global_step=7)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / callback.file_name).write_bytes(b"not a safetensors file")
+    with pytest.raises(OSError, match="cannot read"):
+        callback.load(str(damaged))
+    with pytest.raises(FileNotFoundError):
+        callback.load(str(tmp_path))
     assert_same_bits(callback.averager.average_state_dict(), before, "average after refused loads")
 
 
@@ -486,7 +493,7 @@ def test_fsdp2_shards_average_save_gathered_resume_and_evaluate_on_the_average(t
     (dict(mode="ewma"), ValueError), (dict(mode=1), TypeError), (dict(decay=1.5), ValueError),
     (dict(decay="0.9"), TypeError), (dict(mode="swa", warmup=True), ValueError), (dict(warmup=3), TypeError),
     (dict(warmup={"warmup_power": -1.0}), ValueError), (dict(start_step=-1), ValueError),
-    (dict(every=0), ValueError), (dict(every=2.0), TypeError), (dict(dtype=torch.int32), ValueError),
+    (dict(every=0), ValueError), (dict(every=2.0), TypeError), (dict(dtype=torch.int32), TypeError),
     (dict(dtype="float32"), TypeError), (dict(eval_with_average=1), TypeError), (dict(name="a/b"), ValueError),
     (dict(name=3), TypeError), (dict(device=0), TypeError),
 ])

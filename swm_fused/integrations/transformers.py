@@ -45,6 +45,7 @@ from . import require
 
 _transformers = require("transformers", "transformers")
 _safetensors = require("safetensors.torch", "transformers")  # a dependency of transformers
+_SafetensorError = require("safetensors", "transformers").SafetensorError
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -75,7 +76,7 @@ class WeightAveragingCallback(_transformers.TrainerCallback):
     Args:
         mode: ``"ema"`` (exponential moving average) or ``"swa"`` (equal-weight running mean).
         decay: EMA decay in [0, 1]; with ``warmup``, the decay the warmup climbs to.
-        warmup: ``True`` (the default :class:`~swm_fused.EMAWarmup`), an :class:`~swm_fused.EMAWarmup`, or a
+        warmup: ``True`` (an :class:`~swm_fused.EMAWarmup` with its defaults), an :class:`~swm_fused.EMAWarmup`, or a
             dict of its fields: the decay of update ``n`` follows timm's ``ModelEmaV3`` warmup. EMA only.
         start_step: optimizer steps ``1..start_step`` are not averaged; the first averaged step copies the
             weights (in both modes).
@@ -124,10 +125,8 @@ class WeightAveragingCallback(_transformers.TrainerCallback):
                 raise TypeError(f"{what}: {key} must be an int, got {type(value).__name__}")
             if value < low:
                 raise ValueError(f"{what}: {key} must be an int >= {low}, got {value}")
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"{what}: dtype must be a torch.dtype, got {type(dtype).__name__}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"{what}: dtype must be float32, float64, bfloat16 or float16, got {dtype}")
+        if dtype not in _DTYPES:  # a TypeError, as WeightAverager and the engine raise for a dtype
+            raise TypeError(f"{what}: dtype must be torch.float32, float64, bfloat16 or float16, got {dtype!r}")
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(f"{what}: device must be a str, a torch.device or None, got {type(device).__name__}")
         for key, value in (("eval_with_average", eval_with_average), ("copy_to_model_at_end", copy_to_model_at_end)):
@@ -226,7 +225,10 @@ class WeightAveragingCallback(_transformers.TrainerCallback):
         if global_step is not None and meta.get("global_step") != global_step:
             raise ValueError(f"WeightAveragingCallback: {path} was saved at step {meta.get('global_step')}, "
                              f"the Trainer resumed at step {global_step}")
-        average = _safetensors.load_file(path, device="cpu")
+        try:
+            average = _safetensors.load_file(path, device="cpu")
+        except _SafetensorError as error:
+            raise OSError(f"WeightAveragingCallback: cannot read {path}: {error}") from error
         state = {"mode": meta.get("mode"), "step": meta.get("step"), "n_updates": meta.get("n_updates"),
                  "n_averaged": meta.get("n_averaged"), "skipped": meta.get("skipped"), "average": average}
         self.averager.load_state_dict(state)  # validates mode, names and shapes before it writes anything
@@ -234,8 +236,11 @@ class WeightAveragingCallback(_transformers.TrainerCallback):
     @staticmethod
     def read_metadata(path: str) -> Dict[str, Any]:
         """The counters and settings stored with a saved average (OSError if it cannot be read)."""
-        with _safetensors.safe_open(path, framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(_METADATA_KEY)
+        try:
+            with _safetensors.safe_open(path, framework="pt") as handle:
+                raw = (handle.metadata() or {}).get(_METADATA_KEY)
+        except _SafetensorError as error:  # a damaged file: an OSError, as the package raises for unreadable files
+            raise OSError(f"WeightAveragingCallback: cannot read {path}: {error}") from error
         if raw is None:
             raise ValueError(f"WeightAveragingCallback: {path} holds no swm_fused metadata")
         return json.loads(raw)
