@@ -347,15 +347,16 @@ def _ddp_part(rank: int, world: int, seed: int, out: str) -> Dict[str, Any]:
         ema = WeightAveragingCallback("ema", decay=0.7, copy_to_model_at_end=False)
         recorder = Recorder(optimizer, model)
         args = training_args(os.path.join(out, phase) if resume else out, seed, max_steps=DDP_STEPS,
-                             gradient_accumulation_steps=2, save_steps=DDP_SAVE, eval_strategy="no",
+                             gradient_accumulation_steps=2, save_steps=DDP_SAVE, eval_steps=DDP_STEPS,
                              logging_steps=DDP_STEPS, resume_from_checkpoint=resume)
         trainer = Trainer(model=model, args=args, train_dataset=TokenData(64, seed), optimizers=(optimizer, None),
-                          callbacks=[ema, recorder])
+                          eval_dataset=TokenData(4, seed + 1), callbacks=[ema, recorder])
         assert trainer.args.parallel_mode.name == "DISTRIBUTED" and trainer.args.world_size == world
         assert type(trainer.accelerator.prepare_model(model)).__name__ == "DistributedDataParallel"
         trainer.train(resume_from_checkpoint=resume)
         results[phase] = {"average": clone(ema.averager.average_state_dict()), "steps": recorder.after_step,
-                          "averager_step": ema.averager.step}
+                          "averager_step": ema.averager.step, "in_eval": recorder.in_eval,
+                          "after_eval": recorder.after_eval}
     return results
 
 
@@ -460,6 +461,11 @@ def test_ddp_under_accelerate_two_gloo_ranks(two_ranks):
     steps = ranks[0]["full"]["steps"]
     assert len(steps) == DDP_STEPS and ranks[0]["full"]["averager_step"] == DDP_STEPS
     assert_average(ranks[0]["full"]["average"], hand_ema_fixed(steps, 0.7), "DDP EMA")
+    # the evaluation at the last step ran on the average on both ranks, then the training weights came back
+    for rank in ranks:
+        assert len(rank["full"]["in_eval"]) == 1
+        assert_same_bits(rank["full"]["in_eval"][0], ranks[0]["full"]["average"], "weights evaluated under DDP")
+        assert_same_bits(rank["full"]["after_eval"][0], steps[-1], "weights after the evaluation under DDP")
     # one file (rank 0 writes); both ranks resume from it and continue bit for bit
     assert os.path.isfile(os.path.join(two_ranks["out"], "ddp", f"checkpoint-{DDP_SAVE}", "swm_fused_ema.safetensors"))
     for rank in ranks:
