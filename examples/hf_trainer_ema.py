@@ -54,8 +54,9 @@ def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
 def make_trainer(output_dir: str, steps: int, seed: int, model_seed: int, callback: WeightAveragingCallback) -> Trainer:
     args = TrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-        learning_rate=3e-2, lr_scheduler_type="constant", eval_strategy="steps", eval_steps=steps // 2, save_strategy="steps",
-        save_steps=steps // 2, logging_steps=steps // 4, report_to=[], use_cpu=True, disable_tqdm=True, seed=seed)
+        learning_rate=3e-2, lr_scheduler_type="constant",  # a high constant rate: noisy weights, where EMA helps
+        eval_strategy="steps", eval_steps=steps // 2, save_strategy="steps", save_steps=steps // 2,
+        logging_steps=steps // 4, report_to=[], use_cpu=True, disable_tqdm=True, seed=seed)
     return Trainer(model=tiny_gpt2(model_seed), args=args, train_dataset=CountingSequences(512, seed),
                    eval_dataset=CountingSequences(64, seed + 1), callbacks=[callback])
 

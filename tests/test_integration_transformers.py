@@ -17,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import glob
 import importlib
 import importlib.util
-import json
 import random
 import shutil
 import sys
@@ -382,7 +381,8 @@ def _fsdp_part(rank: int, world: int, seed: int, out: str) -> Dict[str, Any]:
         if weights is not None:  # each rank copies its own slice, no communication
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    p.to_local().copy_(distribute_tensor(weights[name], mesh, p.placements, src_data_rank=None).to_local())
+                    part = distribute_tensor(weights[name], mesh, p.placements, src_data_rank=None)
+                    p.to_local().copy_(part.to_local())
         return model
 
     def full(model) -> Dict[str, Tensor]:
