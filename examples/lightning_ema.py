@@ -79,6 +79,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--decay", type=float, default=0.99)
+    parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--root", default=None, help="Lightning's default_root_dir (default: the working directory)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -87,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch 2.13
 
     torch.manual_seed(args.seed)
-    train, val = make_data(2048, args.seed), make_data(512, args.seed + 1)
+    train, val = make_data(args.train_size, args.seed), make_data(512, args.seed + 1)
     train_loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True)
     val_loader = torch.utils.data.DataLoader(val, batch_size=512)
 

@@ -46,6 +46,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
     pytest.mark.filterwarnings("ignore:.*The number of training batches.*"),
     pytest.mark.filterwarnings("ignore:.*Checkpoint directory.*exists and is not empty.*"),
+    pytest.mark.filterwarnings("ignore:.*The dirpath has changed from.*"),
+    pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*"),
 ]
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # "GPU available: False" and the like
@@ -237,10 +239,11 @@ def test_validation_swap_is_exact_and_restores_bit_for_bit(tmp_path):
     module = Net()
     seen: List[Dict[str, Tensor]] = []
 
-    class Check(pl.Callback):
-        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            if batch_idx == 0:
-                seen.append({k: v.detach().clone() for k, v in mine.average_state_dict().items()})
+    class Check(pl.Callback):  # after ours: the average is swapped in; a checkpoint saved now is still right
+        def on_validation_epoch_start(self, trainer, pl_module):
+            seen.append({k: v.detach().clone() for k, v in mine.average_state_dict().items()})
+            if trainer.current_epoch == 1 and not trainer.sanity_checking:
+                trainer.save_checkpoint(tmp_path / "during_validation.ckpt")
 
     fit(module, [first, mine, Check(), last], 2, tmp_path, loader())
     assert len(first.before) == 3
@@ -249,6 +252,9 @@ def test_validation_swap_is_exact_and_restores_bit_for_bit(tmp_path):
     for average, val_state in zip(seen, module.val_states):
         for name, value in average.items():
             assert torch.equal(val_state[name], value.to(val_state[name].dtype)), name
+    saved = torch.load(tmp_path / "during_validation.ckpt", weights_only=False)
+    assert_states_equal(saved["current_model_state"], first.before[2], "saved while swapped: training weights")
+    assert_states_equal(saved["state_dict"], seen[2], "saved while swapped: average")
 
 
 # ------------------------------------------------------------------ WeightAveraging side by side
@@ -475,7 +481,7 @@ def test_example_runs(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("lightning_ema_example", ROOT / "examples" / "lightning_ema.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    result = example.main(["--epochs", "3", "--root", str(tmp_path)])
+    result = example.main(["--epochs", "3", "--train-size", "256", "--root", str(tmp_path)])
     assert result["n_averaged"] > 0 and math.isfinite(result["val_loss_average"])
     assert "EMA" in capsys.readouterr().out
 
@@ -558,11 +564,14 @@ class ShardedNet(Net):
         self._sharded = True
 
 
-def distributed_data(seed: int, batch_size: int):
+def distributed_data(seed: int, batch_size: int, rank: int = 0, world: int = 1):
+    """Rank ``rank``'s samples ``rank, rank + world, ...`` in order: the ranks' k-th batches together are the
+    k-th batch of ``batch_size * world`` samples of one process."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(64, 6, generator=gen)
     y = x @ torch.randn(6, 1, generator=gen) + 0.1 * torch.randn(64, 1, generator=gen)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[rank::world], y[rank::world]),
+                                       batch_size=batch_size)
 
 
 def _ranks_main(rank: int, world: int, root: str, seed: int, decay: float) -> Dict[str, Any]:
@@ -584,12 +593,12 @@ def _ranks_main(rank: int, world: int, root: str, seed: int, decay: float) -> Di
         return pl.Trainer(max_epochs=epochs, callbacks=callbacks, strategy=strategy, accelerator="cpu",
                           devices=world, logger=False, enable_progress_bar=False, enable_model_summary=False,
                           enable_checkpointing=checkpoint, default_root_dir=root_path / where,
-                          num_sanity_val_steps=0)
+                          num_sanity_val_steps=0, use_distributed_sampler=False)
 
     def full(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone().float() for k, v in state.items()}
 
-    data = distributed_data(seed, batch_size=4)  # Lightning adds a DistributedSampler: 8 a step over both ranks
+    data = distributed_data(seed, batch_size=4, rank=rank, world=world)  # 8 samples a step over both ranks
 
     torch.manual_seed(seed)
     base = Net(batch_norm=False)
@@ -605,15 +614,22 @@ def _ranks_main(rank: int, world: int, root: str, seed: int, decay: float) -> Di
     out["ddp_theirs"] = snapshot(module)
 
     # FSDP2 through ModelParallelStrategy: uninterrupted, then 2 epochs with a checkpoint and a resume
-    def fsdp_fit(epochs, where, checkpoint=False, resume=None):
+    def fsdp_fit(epochs, where, checkpoint=False, resume=None, distributed_checkpoint=True):
         module = ShardedNet(batch_norm=False)
         module.load_state_dict(base.state_dict())
         callback = counting(ours.EMAWeightAveraging)(decay=decay)
-        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=distributed_checkpoint)
         trainer(strategy, [callback], epochs, where, checkpoint).fit(module, data, data, ckpt_path=resume)
         return module, callback
 
     module, callback = fsdp_fit(4, "fsdp_full")
+    out["fsdp_val_states"] = [full(state) for state in module.val_states]  # the weights validation ran on
+    probe: List[str] = []  # the counter sees both kinds of collectives
+    with counting_collectives(probe):
+        torch.distributed.all_reduce(torch.ones(1))
+        next(iter(module.parameters())).full_tensor()
+    out["counter_probe"] = probe
     out["fsdp_sharded"] = all(isinstance(p, DTensor) for p in module.parameters())
     out["fsdp_local_numel"] = sum(p.to_local().numel() for p in module.parameters())
     out["fsdp_average"] = full(callback.average_state_dict())
@@ -625,14 +641,25 @@ def _ranks_main(rank: int, world: int, root: str, seed: int, decay: float) -> Di
     module, callback = fsdp_fit(4, "fsdp_resumed", resume=str(ckpt))
     out["fsdp_resumed_average"] = full(callback.average_state_dict())
     out["fsdp_resumed_n_averaged"] = callback.n_averaged
+    # a full-state checkpoint (one file, gathered by rank 0) resumes it too
+    fsdp_fit(2, "fsdp_half_full", checkpoint=True, distributed_checkpoint=False)
+    ckpt = root_path / "fsdp_half_full" / "ckpt" / "epoch=1.ckpt"
+    out["fsdp_full_checkpoint_is_file"] = ckpt.is_file()
+    module, callback = fsdp_fit(4, "fsdp_resumed_full", resume=str(ckpt), distributed_checkpoint=False)
+    out["fsdp_resumed_full_average"] = full(callback.average_state_dict())
+    out["fsdp_resumed_full_n_averaged"] = callback.n_averaged
 
-    # SWA on FSDP2 (Lightning's refuses sharded models)
-    module = ShardedNet(batch_norm=False)
-    module.load_state_dict(base.state_dict())
-    swa = ours.StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=2, annealing_epochs=1, device=None)
-    trainer(ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1), [swa], 3, "fsdp_swa").fit(
-        module, data, data)
-    out["fsdp_swa"] = full(module.state_dict())
+    # SWA on FSDP2 (Lightning's refuses sharded models): uninterrupted, and resumed from a distributed checkpoint
+    def swa_fit(where, checkpoint=False, resume=None):
+        module = ShardedNet(batch_norm=False)
+        module.load_state_dict(base.state_dict())
+        swa = ours.StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=2, annealing_epochs=1, device=None)
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        trainer(strategy, [swa], 3, where, checkpoint).fit(module, data, data, ckpt_path=resume)
+        return full(module.state_dict())
+
+    out["fsdp_swa"] = swa_fit("fsdp_swa", checkpoint=True)
+    out["fsdp_swa_resumed"] = swa_fit("fsdp_swa_resumed", resume=str(root_path / "fsdp_swa" / "ckpt" / "epoch=1.ckpt"))
     return out
 
 
@@ -648,7 +675,7 @@ def test_ddp_and_fsdp2_on_two_gloo_ranks(tmp_path, fresh_seed):
     torch.manual_seed(fresh_seed)
     base = Net(batch_norm=False)
     data = distributed_data(fresh_seed, batch_size=8)
-    reference = {}
+    reference, reference_val = {}, {}
     for name, callback, epochs in (("ema2", lightning_callbacks.EMAWeightAveraging(decay=decay), 2),
                                    ("ema4", lightning_callbacks.EMAWeightAveraging(decay=decay), 4),
                                    ("swa", lightning_callbacks.StochasticWeightAveraging(
@@ -656,6 +683,7 @@ def test_ddp_and_fsdp2_on_two_gloo_ranks(tmp_path, fresh_seed):
         module = copy.deepcopy(base)
         fit(module, [callback], epochs, tmp_path / name, data, num_sanity_val_steps=0)
         reference[name] = snapshot(module)
+        reference_val[name] = module.val_states
 
     # DDP: each rank averages its replica, with no collectives; equal on both ranks and to Lightning's
     assert_states_equal(r0["ddp_ours"], r1["ddp_ours"], "DDP: rank 0 vs rank 1")
@@ -665,14 +693,30 @@ def test_ddp_and_fsdp2_on_two_gloo_ranks(tmp_path, fresh_seed):
 
     # FSDP2: sharded parameters averaged shard by shard, no collectives in the hooks, no gathering
     for r in (r0, r1):
+        assert "all_reduce" in r["counter_probe"] and len(r["counter_probe"]) >= 2, r["counter_probe"]
         assert r["fsdp_sharded"] and r["fsdp_collectives"] == []
     assert r0["fsdp_local_numel"] + r1["fsdp_local_numel"] == sum(v.numel() for v in reference["ema4"].values())
     assert_states_close(r0["fsdp_average"], reference["ema4"], "FSDP2 vs one process", atol=1e-5, rtol=1e-4)
     assert_states_equal(r0["fsdp_model_after_fit"], r0["fsdp_average"], "FSDP2: model after fit holds the average")
+    # validation ran on the average, shard by shard, as Lightning's one-process run validates on its average
+    assert len(r0["fsdp_val_states"]) == len(reference_val["ema4"]) == 4
+    for epoch, (a, b) in enumerate(zip(r0["fsdp_val_states"], reference_val["ema4"])):
+        assert_states_close(a, b, f"FSDP2: weights seen by validation {epoch}", atol=1e-5, rtol=1e-4)
     # the distributed checkpoint (a folder of shards) resumes the same run
     assert r0["fsdp_checkpoint_is_dir"]
     assert r0["fsdp_resumed_n_averaged"] == 32
     assert_states_close(r0["fsdp_resumed_average"], r0["fsdp_average"], "FSDP2: resumed vs uninterrupted",
                         atol=1e-6, rtol=1e-5)
-    # SWA on FSDP2 matches Lightning's SWA on one process
+    # so does a full-state checkpoint, which also has Lightning's keys and the gathered average
+    assert r0["fsdp_full_checkpoint_is_file"] and r0["fsdp_resumed_full_n_averaged"] == 32
+    assert_states_close(r0["fsdp_resumed_full_average"], r0["fsdp_average"], "FSDP2: resumed from a full checkpoint",
+                        atol=1e-6, rtol=1e-5)
+    saved = torch.load(tmp_path / "fsdp_half_full" / "ckpt" / "epoch=1.ckpt", weights_only=False)
+    assert int(saved["averaging_state"]["n_averaged"]) == 16
+    assert_states_close(saved["state_dict"], reference["ema2"], "FSDP2 full checkpoint: state_dict", atol=1e-5,
+                        rtol=1e-4)
+    assert set(saved["current_model_state"]) == set(saved["state_dict"])
+    # SWA on FSDP2 matches Lightning's SWA on one process, also when resumed from a distributed checkpoint
     assert_states_close(r0["fsdp_swa"], reference["swa"], "FSDP2 SWA vs one process", atol=1e-5, rtol=1e-4)
+    assert_states_close(r0["fsdp_swa_resumed"], r0["fsdp_swa"], "FSDP2 SWA: resumed vs uninterrupted", atol=1e-6,
+                        rtol=1e-5)

@@ -370,6 +370,7 @@ class WeightAveraging(Callback):
             _check_strategy(type(self).__name__, trainer)
             self._fitting = True
             self._average = None
+            self._pending = None  # a checkpoint is restored after setup
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Build the average from the model as the strategy set it up (sharded, on its device, in its precision)."""
