@@ -77,9 +77,9 @@ def evaluate(model: nn.Module, data: torch.utils.data.TensorDataset) -> float:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--decay", type=float, default=0.99)
-    parser.add_argument("--train-size", type=int, default=2048)
+    parser.add_argument("--train-size", type=int, default=1024)
     parser.add_argument("--root", default=None, help="Lightning's default_root_dir (default: the working directory)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -186,9 +186,11 @@ def test_missing_lightning_gives_an_actionable_import_error(monkeypatch):
 
 
 # -------------------------------------------------------------------------------- EMA side by side
-def test_ema_matches_lightning_and_swaps_for_validation(tmp_path, fresh_seed):
+@pytest.mark.parametrize("use_buffers", [True, False])
+def test_ema_matches_lightning_and_swaps_for_validation(tmp_path, use_buffers):
     decay = 0.5 + 0.4 * torch.rand(()).item()
-    rule = dict(update_every_n_steps=2, update_starting_at_step=1, update_starting_at_epoch=1)
+    rule = dict(update_every_n_steps=2, update_starting_at_step=1, update_starting_at_epoch=1,
+                use_buffers=use_buffers)
     data = loader()
     base = Net()
     theirs_module, ours_module = copy.deepcopy(base), copy.deepcopy(base)
@@ -204,17 +206,27 @@ def test_ema_matches_lightning_and_swaps_for_validation(tmp_path, fresh_seed):
     expected, n = ema_oracle(ours_module.records, lambda s: decay,
                              lightning_ema_rule(2, 1, 1))
     assert mine.n_averaged == n and mine.skipped == 0
+    if not use_buffers:  # BatchNorm statistics are not averaged: the model keeps its own
+        expected = {k: v for k, v in expected.items() if "running" not in k}
     # after fit both models hold their averages
     final_ours, final_theirs = snapshot(ours_module), snapshot(theirs_module)
+    final_ours = {k: v for k, v in final_ours.items() if k in expected or not v.is_floating_point()}
+    final_theirs = {k: v for k, v in final_theirs.items() if k in expected or not v.is_floating_point()}
     assert_states_close(final_ours, expected, "ours vs float64 EMA", **FP32)
     assert_states_close(final_theirs, expected, "Lightning's vs float64 EMA", **FP32)
-    assert_states_close(final_ours, final_theirs, "ours vs Lightning's", **FP32)
+    assert_states_close(snapshot(ours_module), snapshot(theirs_module), "ours vs Lightning's", **FP32)
     # integer buffers keep their latest value (Lightning passes them through the EMA formula)
     assert int(final_ours["net.1.num_batches_tracked"]) == 18
     # validation saw the average: sanity check (initial weights) plus one per epoch
     assert len(ours_module.val_states) == len(theirs_module.val_states) == 4
     for a, b in zip(ours_module.val_states, theirs_module.val_states):
+        if not use_buffers:  # ours keeps the model's own statistics; Lightning's, a copy from the last update
+            a, b = ({k: v for k, v in state.items() if "running" not in k} for state in (a, b))
         assert_states_close(a, b, "weights seen by validation", **FP32)
+    if not use_buffers:
+        epoch_ends = [state for kind, _, state in ours_module.records if kind == "epoch"]
+        for val_state, live in zip(ours_module.val_states[1:], epoch_ends):
+            assert all(torch.equal(val_state[k], live[k]) for k in live if "running" in k)
     last_train = ours_module.records[-1][2]
     assert any(not torch.equal(ours_module.val_states[-1][k], last_train[k]) for k in floating(last_train))
 
@@ -265,7 +277,7 @@ class EveryOtherStep:
         return (step_idx is not None and step_idx % 2 == 1) or epoch_idx == 1
 
 
-@pytest.mark.parametrize("fn", ["swa", "torch_ema", "custom"])
+@pytest.mark.parametrize("fn", ["swa", "torch_ema", "custom", "custom_multi"])
 def test_weight_averaging_matches_lightning(tmp_path, fn):
     decay = 0.5 + 0.4 * torch.rand(()).item()
     kwargs: Dict[str, Any] = {}
@@ -273,6 +285,8 @@ def test_weight_averaging_matches_lightning(tmp_path, fn):
         kwargs = dict(avg_fn=get_ema_avg_fn(decay))  # the docs' example: runs fused here
     elif fn == "custom":
         kwargs = dict(avg_fn=lambda avg, cur, n: avg + (cur - avg) * (0.3 if n < 3 else 0.1))
+    elif fn == "custom_multi":
+        kwargs = dict(multi_avg_fn=lambda avgs, curs, n: torch._foreach_lerp_(avgs, curs, 0.25))
 
     class Theirs(EveryOtherStep, lightning_callbacks.WeightAveraging):
         pass
@@ -445,6 +459,19 @@ def test_stochastic_weight_averaging_matches_lightning_and_interchanges(tmp_path
         assert_states_close(snapshot(module), snapshot(modules[reader]), f"SWA {writer} -> {reader}", **FP32)
 
 
+def test_stochastic_weight_averaging_with_a_custom_avg_fn_matches_lightning(tmp_path):
+    kwargs = dict(swa_lrs=0.02, swa_epoch_start=2, annealing_epochs=1,
+                  avg_fn=lambda avg, cur, n: avg + (cur - avg) * 0.25)
+    data = loader()
+    base = Net(batch_norm=False)
+    modules = {}
+    for name, callback in zip(("theirs", "ours"), swa_pair(**kwargs)):
+        modules[name] = copy.deepcopy(base)
+        fit(modules[name], [callback], 4, tmp_path / name, data)
+    assert_states_close(snapshot(modules["ours"]), snapshot(modules["theirs"]), "SWA avg_fn: ours vs Lightning's",
+                        **FP32)
+
+
 # ------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("make, error", [
     (lambda: ours.EMAWeightAveraging(decay=1.5), ValueError),
@@ -596,7 +623,8 @@ def _ranks_main(rank: int, world: int, root: str, seed: int, decay: float) -> Di
                           num_sanity_val_steps=0, use_distributed_sampler=False)
 
     def full(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone().float() for k, v in state.items()}
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone().float()
+                for k, v in state.items()}
 
     data = distributed_data(seed, batch_size=4, rank=rank, world=world)  # 8 samples a step over both ranks
 

@@ -31,7 +31,9 @@ What these add to Lightning's:
 
 Differences from Lightning's callbacks, all in what is averaged rather than how training runs:
 integer buffers (BatchNorm's ``num_batches_tracked``) keep their latest value (Lightning passes them
-through the averaging function, which truncates the result); the average is built when fitting
+through the averaging function, which truncates the result); with ``use_buffers=False`` the buffers
+are not touched at all, so validation and the final model use the model's current BatchNorm
+statistics (Lightning's use a copy taken at the last update); the average is built when fitting
 starts (after ``configure_model`` and the strategy's setup) rather than by deep-copying the module in
 ``setup``, so it is already sharded and on the model's device (``device=None``).
 """
@@ -40,7 +42,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
