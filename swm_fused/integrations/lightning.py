@@ -209,10 +209,12 @@ class _Average:
     # --------------------------------------------------------------- state dicts
     def key_to_name(self) -> Dict[str, str]:
         """State-dict key -> averaged tensor's name, by tensor identity (tied weights share one average)."""
-        by_id = {id(t): name for name, t in zip(self.engine.names, self.engine.model_tensors())}
+        names = self.engine.names
+        by_id = {id(t): name for name, t in zip(names, self.engine.model_tensors())}
+        known = set(names)
         out = {}
         for key, tensor in self.module.state_dict(keep_vars=True).items():
-            name = by_id.get(id(tensor), key if key in set(self.engine.names) else None)
+            name = by_id.get(id(tensor), key if key in known else None)
             if name is not None:
                 out[key] = name
         return out
@@ -241,8 +243,9 @@ class _Average:
                 average[name] = state[key]
             elif strict and key in persistent:
                 missing.append(key)
+        in_state_dict = set(names.values())
         for name in self.engine.names:
-            if name not in set(names.values()):
+            if name not in in_state_dict:
                 average[name] = live[name]  # non-persistent buffers: not in any checkpoint
         if missing:
             raise ValueError(f"{self.what}: the checkpoint's averaged state lacks {missing[:5]}")
