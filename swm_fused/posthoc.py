@@ -262,8 +262,10 @@ class PostHocEMA:
         t = step if self.time == "steps" else samples
         if t <= self.t:
             raise ValueError(f"update: time must increase: got {self.time} {t} after {self.t}")
-        dt = t - self.t
-        weights = [1.0 - power_function_beta(t, dt, g) for g in self.gammas]
+        # power_function_beta(t, t - self.t, g) for each profile, inline: t and dt are checked ints, the
+        # gammas were checked at construction (the same float operations, so the same betas)
+        ratio = 1.0 - (t - self.t) / t
+        weights = [1.0 - ratio ** (g + 1.0) for g in self.gammas]
         AveragingEngine.ema_multi(self.engines, weights)
         self.t, self.step, self.samples = t, step, samples
         every = self.snapshot_every

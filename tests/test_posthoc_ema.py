@@ -78,21 +78,32 @@ def test_lazy_export():
     assert swm_fused.PostHocEMA is PostHocEMA and swm_fused.posthoc is posthoc
 
 
-def test_update_is_one_fused_pass(monkeypatch):
+def test_update_is_one_call_into_cpp_on_lists_bound_once(monkeypatch):
+    """One BoundLists.step_multi_ per update (check, K averages, counters), on one binding; no plain op
+    runs on the compiled backend (they would raise here)."""
+    from swm_fused import ops
+
     calls = []
-    original = engine_module.ema_multi_
+    real = swm_fused.BoundLists.step_multi_
 
-    def counting(avgs, src, weights, **kwargs):
-        calls.append(len(avgs))
-        return original(avgs, src, weights, **kwargs)
+    def spy(self, weights, *args, **kwargs):
+        calls.append((id(self), len(weights)))
+        return real(self, weights, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "ema_multi_", counting)
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a plain op ran inside PostHocEMA.update")
+
+    monkeypatch.setattr(swm_fused.BoundLists, "step_multi_", spy)
+    for module in (engine_module, ops):
+        for name in ("ema_multi_", "ema_", "any_nonfinite"):
+            monkeypatch.setattr(module, name, forbidden)
     model = small_model()
     phema = PostHocEMA(model, sigma_rels=(0.05, 0.08, 0.10))
     for _ in range(3):
         wiggle(model)
         phema.update()
-    assert calls == [3, 3, 3]
+    assert [k for _, k in calls] == [3, 3, 3] and len({i for i, _ in calls}) == 1
+    assert phema.engines[0].attempts == [3] and all(int(e.count(0)) == 3 for e in phema.engines)
 
 
 # ------------------------------------------------------------------------------------- profiles
