@@ -231,6 +231,100 @@ def test_resume_continues_bit_for_bit(tmp_path):
         other.load_state_dict(saved["phema"])
 
 
+# ------------------------------------------------------------------------------ device / offload
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")], ids=["str", "torch.device"])
+def test_device_cpu_profiles_equal_the_default_ones_bit_for_bit(tmp_path, device):
+    model = small_model(torch.bfloat16)
+    default = PostHocEMA(model, (0.05, 0.1), snapshot_every=3, snapshot_dir=tmp_path / "default")
+    placed = PostHocEMA(model, (0.05, 0.1), snapshot_every=3, snapshot_dir=tmp_path / "placed", device=device)
+    for e in placed.engines:
+        assert e.device == torch.device("cpu") and e.devices == [torch.device("cpu")]
+        assert all(s.device.type == "cpu" for s in e.flat_average().storages)
+    for step in range(1, 8):
+        wiggle(model)
+        if step == 5:
+            with torch.no_grad():
+                model[0].bias[0] = float("nan")  # skipped by both
+        default.update()
+        placed.update()
+        if step == 5:
+            with torch.no_grad():
+                model[0].bias[0] = 0.25
+    assert int(default.skipped) == int(placed.skipped) == 1
+    for s in placed.sigma_rels:
+        for name, value in placed.profile_state_dict(s).items():
+            assert torch.equal(value, default.profile_state_dict(s)[name]), (s, name)
+    names = sorted(p.name for p in (tmp_path / "default").iterdir())
+    assert len(names) == 4 and names == sorted(p.name for p in (tmp_path / "placed").iterdir())
+    for name in names:
+        assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "placed" / name).read_bytes()
+
+
+def test_device_keeps_profiles_on_another_device_than_the_model(monkeypatch):
+    """The offload path (averages on one device, the model on another, a staging copy each update):
+    the meta device stands in for the second device on a CPU-only machine, so this checks placement
+    and plumbing, not values (test_cpu_offload_of_a_cuda_model_matches_profiles_on_the_gpu does those)."""
+    sources = []
+    real = swm_fused.BoundLists.step_multi_
+
+    def spy(self, *args, **kwargs):
+        sources.append(self._lists[-1])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(swm_fused.BoundLists, "step_multi_", spy)
+    model = small_model()
+    phema = PostHocEMA(model, (0.05, 0.1), device="meta")
+    for e in phema.engines:
+        assert e.devices == [torch.device("meta")]
+        assert all(s.device.type == "meta" for s in e.flat_average().storages)
+        assert [s.device.type for b in e.staging_buffers() for s in b.storages] == ["meta"]
+    for _ in range(2):
+        wiggle(model)
+        phema.update()
+    assert len(sources) == 2 and all(t.device.type == "meta" for src in sources for t in src)
+    assert phema.engines[0].attempts == [2] and phema.skipped.device.type == "meta"
+    with pytest.raises(RuntimeError):
+        PostHocEMA(model, device="no-such-device")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_offload_of_a_cuda_model_matches_profiles_on_the_gpu(tmp_path):
+    model = small_model(torch.bfloat16).cuda()
+    on_gpu = PostHocEMA(model, (0.05, 0.1), snapshot_dir=tmp_path / "gpu", snapshot_dtype=torch.float32)
+    offloaded = PostHocEMA(model, (0.05, 0.1), device="cpu", snapshot_dir=tmp_path / "cpu",
+                           snapshot_dtype=torch.float32)
+    assert on_gpu.engines[0].devices[0].type == "cuda" and offloaded.engines[0].devices == [torch.device("cpu")]
+    assert all(s.is_pinned() for b in offloaded.engines[0].staging_buffers() for s in b.storages)
+    oracle = {s: None for s in on_gpu.sigma_rels}
+    for step in range(1, 9):
+        wiggle(model)
+        if step == 4:
+            with torch.no_grad():
+                model[2].weight[0, 0] = float("inf")  # skipped by both, on their own devices
+        on_gpu.update()
+        offloaded.update()
+        if step == 4:
+            with torch.no_grad():
+                model[2].weight[0, 0] = 0.5
+            continue
+        theta = {n: p.detach().double().cpu() for n, p in model.named_parameters()}
+        for s, g in zip(on_gpu.sigma_rels, on_gpu.gammas):
+            beta = power_function_beta(step, 1, g)  # dt = 1 after the skipped call too (time advanced)
+            oracle[s] = theta if oracle[s] is None else {n: beta * oracle[s][n] + (1 - beta) * theta[n] for n in theta}
+    assert int(on_gpu.skipped) == int(offloaded.skipped) == 1
+    on_gpu.snapshot()
+    offloaded.snapshot()
+    for s in on_gpu.sigma_rels:
+        for name, value in offloaded.profile_state_dict(s).items():
+            assert value.device.type == "cpu"
+            torch.testing.assert_close(value, on_gpu.profile_state_dict(s)[name].cpu(), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(value.double(), oracle[s][name], rtol=1e-5, atol=1e-6)
+        got = load_state_dict(offloaded.snapshot_path(s))
+        expected = load_state_dict(on_gpu.snapshot_path(s))
+        for name in got:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ snapshots
 def test_snapshot_files_and_metadata(tmp_path):
     model = small_model(torch.bfloat16)
