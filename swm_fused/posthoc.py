@@ -504,6 +504,19 @@ def plan_reconstruction(snapshots: Sequence[Snapshot], sigma_rel: float,
     return [snapshots[i].path for i in used], [float(x[i]) for i in used], t_star
 
 
+def reconstruction_metadata(snapshots: Sequence[Snapshot], sigma_rel: float, paths: Sequence[Path],
+                            weights: Sequence[float], t_star: int) -> Dict[str, str]:
+    """The post-hoc facts of one reconstruction (what :func:`plan_reconstruction` returned), as safetensors
+    string metadata: ``swm_fused.phema.`` + ``kind`` (``reconstruction``), ``sigma_rel``, ``gamma``, ``t``
+    (the target time), ``time`` (its unit), ``snapshots`` (JSON list of the snapshot file names used),
+    ``coefficients`` (JSON list of their weights x_i, in that order, summing to 1) and ``fingerprint``."""
+    return {_META + "kind": "reconstruction", _META + "sigma_rel": repr(float(sigma_rel)),
+            _META + "gamma": repr(sigma_rel_to_gamma(sigma_rel)), _META + "t": str(t_star),
+            _META + "time": snapshots[0].time, _META + "snapshots": json.dumps([Path(p).name for p in paths]),
+            _META + "coefficients": json.dumps([float(w) for w in weights]),
+            _META + "fingerprint": snapshots[0].fingerprint}
+
+
 @torch.no_grad()
 def reconstruct(snapshot_dir: Union[str, os.PathLike], sigma_rel: float, at: Optional[int] = None
                 ) -> Dict[str, Tensor]:

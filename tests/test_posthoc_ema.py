@@ -483,6 +483,67 @@ def test_cli_subprocess(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_outputs_record_the_post_hoc_facts(tmp_path, capsys):
+    """The metadata names the target, its gamma and time, the snapshots used and their coefficients, and
+    those coefficients applied to those snapshots give the file's tensors."""
+    import json
+
+    from safetensors import safe_open
+
+    model = small_model()
+    folder = tmp_path / "snaps"
+    phema = PostHocEMA(model, sigma_rels=(0.05, 0.10), snapshot_dir=folder, snapshot_dtype=torch.float32,
+                       time="samples")
+    seen = 0
+    for step in range(1, 13):
+        wiggle(model)
+        seen += int(torch.randint(1, 64, ()))
+        phema.update(samples=seen)
+        if step % 4 == 0:
+            phema.snapshot()
+    snaps = read_snapshots(folder)
+    target = sorted({s.t for s in snaps})[1]  # the second of three snapshot times: the third is left out
+    x = posthoc.solve_coefficients([(s.t, s.sigma_rel) for s in snaps], (target, 0.07))
+    out = tmp_path / "out"
+    assert cli.main(["phema", str(folder), "--sigma-rel", "0.07", "-o", str(out), "--at", str(target)]) == 0
+    capsys.readouterr()
+    path = out / f"ema-sigma0.07-t{target}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    key = "swm_fused.phema."
+    assert meta[key + "kind"] == "reconstruction" and meta[key + "time"] == "samples"
+    assert float(meta[key + "sigma_rel"]) == 0.07 and int(meta[key + "t"]) == target
+    assert float(meta[key + "gamma"]) == pytest.approx(sigma_rel_to_gamma(0.07), rel=1e-12)
+    assert meta[key + "fingerprint"] == phema.fingerprint
+    names, coefficients = json.loads(meta[key + "snapshots"]), json.loads(meta[key + "coefficients"])
+    used = [i for i in range(len(snaps)) if x[i] != 0]
+    assert names == [snaps[i].path.name for i in used] and len(names) == 4  # t = 4 and 8, two profiles each
+    assert coefficients == pytest.approx([x[i] for i in used], rel=1e-12, abs=1e-15)
+    assert math.fsum(coefficients) == pytest.approx(1.0, abs=1e-12)
+    assert meta["swm_fused.method"] == "linear"  # merge_files' own keys stay
+    got = load_state_dict(path)
+    for name, value in got.items():
+        expected = sum(c * load_state_dict(folder / n)[name].double() for n, c in zip(names, coefficients))
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_files_metadata_is_checked_before_writing(tmp_path):
+    from swm_fused.merge import merge_files
+
+    folder = snapshots_of(tmp_path, small_model(), steps=(5, 10))
+    inputs = sorted(folder.glob("phema-*.safetensors"))[:2]
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(ValueError, match="are the merge's own keys"):
+        merge_files(inputs, out, metadata={"swm_fused.method": "mine"})
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        merge_files(inputs, out, metadata={"note": 3})
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+    merge_files(inputs, out, metadata={"note": "kept"})
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["note"] == "kept" and f.metadata()["swm_fused.method"] == "linear"
+
+
 def test_reconstruction_on_a_real_trajectory(tmp_path, fresh_seed):
     """Train the demo's MLP on digits, tracking sigma_rel 0.05 and 0.10 with snapshots every 10 steps and
     0.075 directly. 0.075 rebuilt from the snapshots lies a small fraction of the 0.05-0.10 distance away
