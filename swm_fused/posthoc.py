@@ -259,10 +259,14 @@ class PostHocEMA:
         dtype: the profiles' dtype (float32: fp32 profiles of a bf16 model).
         skip_nonfinite: an update whose model tensors hold NaN/Inf leaves every profile unchanged
             (checked on the device, no host sync).
-        device: where the profiles live (None: next to each tensor; ``"cpu"``: offloaded).
+        device: where the profiles live (None: next to each tensor; ``"cpu"``: offloaded, the model
+            copied into a staging buffer there at each update, pinned for a CUDA model).
 
     One :class:`~swm_fused.AveragingEngine` per profile; :meth:`update` folds the model into all of
-    them in one :func:`~swm_fused.ema_multi_` pass (:meth:`AveragingEngine.ema_multi`).
+    them in one :func:`~swm_fused.ema_multi_` pass (:meth:`AveragingEngine.ema_multi`: on one
+    device, one call into C++ with the NaN/Inf check and the counters, ``BoundLists.step_multi_``).
+    DTensor-sharded models work: updates average the shards, :meth:`snapshot` (collective) writes
+    full tensors from rank 0.
 
     Time and skipped updates: the host cannot see the device's NaN/Inf flag without a sync, so
     the profile's time advances on every :meth:`update` call, applied or skipped. A skipped update
