@@ -696,8 +696,9 @@ class AveragingEngine:
         check shared by all K (no host sync); each engine's counters move as after
         ``update("ema", decay=d_k)``, whose result it matches bit for bit when ``weights[k] == 1 - d_k``
         exactly (float64 averages compute the weight in float64: 0.3 and 1 - 0.7 differ by an ulp).
-        Averages may differ in dtype. Engines that do not share a layout are updated one by one
-        (same results, K passes).
+        Averages may differ in dtype. On one device the check, the K averages and every engine's
+        counters are one call into C++ over lists bound once (:meth:`BoundLists.step_multi_`).
+        Engines that do not share a layout are updated one by one (same results, K passes).
         """
         engines = list(engines)
         weights = [float(w) for w in weights]

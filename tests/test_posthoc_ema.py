@@ -74,6 +74,35 @@ def test_engine_ema_multi_matches_separate_updates_and_skips_nonfinite():
         assert int(e.skipped) == 1 and int(e.count(0)) == 4 and e.attempts == [5]
 
 
+def test_engine_ema_multi_keeps_the_latest_integer_buffers_unless_skipped():
+    """Engines with buffers: the floating ones averaged, integer ones (num_batches_tracked) copied unless
+    the step is skipped, as update("ema") does engine by engine."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    fused = [AveragingEngine(model, include_buffers=True) for _ in range(2)]
+    alone = [AveragingEngine(model, include_buffers=True) for _ in range(2)]
+    for step in range(4):
+        model.train()
+        model(torch.randn(5, 4))  # moves the running stats and counts a batch
+        wiggle(model)
+        if step == 2:
+            with torch.no_grad():
+                model[0].bias[0] = float("nan")
+        AveragingEngine.ema_multi(fused, [0.5, 0.25])
+        for e, w in zip(alone, [0.5, 0.25]):
+            e.update("ema", decay=1.0 - w)
+        if step == 2:  # skipped: the count of step 1 stays, though the model has counted 3 batches
+            assert [int(e.average_state_dict()["1.num_batches_tracked"]) for e in fused + alone] == [2] * 4
+            with torch.no_grad():
+                model[0].bias[0] = 0.0
+    for a, b in zip(fused, alone):
+        got, expected = a.average_state_dict(), b.average_state_dict()
+        assert got.keys() == expected.keys() and "1.num_batches_tracked" in got
+        for name in got:
+            assert torch.equal(got[name], expected[name]), name
+        assert int(got["1.num_batches_tracked"]) == 4  # the latest again
+        assert int(a.skipped) == int(b.skipped) == 1 and int(a.count(0)) == int(b.count(0)) == 3
+
+
 def test_lazy_export():
     assert swm_fused.PostHocEMA is PostHocEMA and swm_fused.posthoc is posthoc
 
