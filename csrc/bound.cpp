@@ -5,6 +5,7 @@
 // tensor in C++) and torch picks the device's kernel.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/reciprocal.h>
+#include <ATen/ops/rsub.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -75,6 +76,35 @@ struct BoundLists : torch::CustomClassHolder {
     }
     return flag;
   }
+
+  // One step of K EMA profiles of one source, in one call from Python: lists 0..K-1 are the K
+  // averages, list K the source. With `check`, flag = any_nonfinite(src) (every src tensor must be
+  // floating); then avgs[k] <- lerp(avgs[k], src, weights[k]) unless flagged (swm_fused::lerp_multi_,
+  // validated there: its rules cover the weight count); then every tensor of `counts` += 1 - flag and
+  // every tensor of `skipped` += flag (the engines' counters; without `check`, counts += 1). Returns
+  // the flag (undefined without `check`). No host sync: the flag never leaves the device.
+  std::optional<at::Tensor> step_multi_(std::vector<double> weights, bool check, std::vector<at::Tensor> counts,
+                                        std::vector<at::Tensor> skipped) {
+    static const auto op = handle<void(at::TensorList, at::TensorList, at::ArrayRef<double>, const OptTensor&)>(
+        "swm_fused::lerp_multi_");
+    const int64_t k = num_lists() - 1;
+    TORCH_CHECK_VALUE(k >= 1, "BoundLists: step_multi_ needs K >= 1 average lists and the source list");
+    std::optional<at::Tensor> flag;
+    if (check) flag = any_nonfinite(k);
+    op.call(at::TensorList(tensors).slice(0, static_cast<size_t>(k * length)), list(k), weights, flag);
+    if (flag.has_value()) {
+      // any_nonfinite gives exactly 0.0 or 1.0: one conversion serves every counter
+      const at::Tensor skip = flag->to(at::kLong);
+      if (!counts.empty()) {
+        const at::Tensor applied = at::rsub(skip, 1);
+        for (auto& c : counts) c.add_(applied);
+      }
+      for (auto& s : skipped) s.add_(skip);
+    } else {
+      for (auto& c : counts) c.add_(1);
+    }
+    return flag;
+  }
 };
 
 }  // namespace
@@ -85,7 +115,8 @@ TORCH_LIBRARY_FRAGMENT(swm_fused, m) {
       .def("lerp_", &BoundLists::lerp_)
       .def("swag_", &BoundLists::swag_)
       .def("any_nonfinite", &BoundLists::any_nonfinite)
-      .def("step_", &BoundLists::step_);
+      .def("step_", &BoundLists::step_)
+      .def("step_multi_", &BoundLists::step_multi_);
 }
 
 }  // namespace swm_fused

@@ -26,10 +26,11 @@ demo prints what held on each run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -130,17 +131,33 @@ class Data:
     y_test: Tensor
 
 
-def load_digits_data(seed: int, device: torch.device) -> Data:
-    """scikit-learn's bundled 8x8 digits (1,797 images, no download), split 2:1 by ``seed`` and standardised."""
+def _digits() -> Tuple[Tensor, Tensor]:
+    """scikit-learn's bundled digits as (images N x 64 float32, labels): its data file read directly when it is
+    where scikit-learn keeps it (importing sklearn takes seconds, about a tenth of the demo), else load_digits()."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise RuntimeError("the demo needs scikit-learn for its bundled digits data: "
+                           "pip install 'swm_fused[demo]'")
+    for root in spec.submodule_search_locations or []:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            import numpy as np
+            table = np.loadtxt(path, delimiter=",")  # what load_digits reads: 64 pixels, then the label
+            return torch.tensor(table[:, :-1], dtype=torch.float32), torch.tensor(table[:, -1].astype(int))
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise RuntimeError("the demo needs scikit-learn for its bundled digits data: "
                            "pip install 'swm_fused[demo]'") from None
-
     digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32)
-    y = torch.tensor(digits.target, dtype=torch.long)
+    return torch.tensor(digits.data, dtype=torch.float32), torch.tensor(digits.target, dtype=torch.long)
+
+
+def load_digits_data(seed: int, device: torch.device) -> Data:
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download), split 2:1 by ``seed`` and standardised."""
+    x, y = _digits()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_train = len(x) * 2 // 3
     train, test = order[:n_train], order[n_train:]
@@ -210,9 +227,10 @@ class Trajectory:
     final: StateDict   # last SGD iterate
     ema: StateDict     # EMA of the iterates, one update per step
     swa: StateDict     # SWA of the iterates at the end of each SWA-phase epoch (SWALR's phase)
-    fused_seconds: float
+    fused_seconds: float  # in the EMA updates timed against torch's (``timed``), else 0
     torch_seconds: float
     ema_updates: int
+    timed_updates: int = 0
 
 
 def _clone(state_dict: StateDict) -> StateDict:
@@ -233,11 +251,14 @@ def _update_clock(device: torch.device) -> Callable[[], float]:
 
 
 def train_trajectory(index: int, init: StateDict, data: Data, settings: Settings,
-                     on_epoch: Callable[[], None], snapshot_dir: Optional[str] = None) -> Trajectory:
+                     on_epoch: Callable[[], None], snapshot_dir: Optional[str] = None,
+                     timed: bool = False) -> Trajectory:
     """Train trajectory ``index`` from ``init``: SGD, then an SWA phase under SWALR, with EMA and SWA averages.
 
     With ``snapshot_dir``, a PostHocEMA also tracks sigma_rel 0.05 and 0.10 every step and snapshots
-    them there (float16) at the end of every epoch."""
+    them there (float16) at the end of every epoch. With ``timed``, torch's AveragedModel EMA also
+    runs every step, only to time the EMA update against it (one trajectory's steps are enough for
+    a per-step time; the others skip that work)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from .averager import WeightAverager
@@ -257,26 +278,27 @@ def train_trajectory(index: int, init: StateDict, data: Data, settings: Settings
     if snapshot_dir is not None:
         from .posthoc import PostHocEMA
         phema = PostHocEMA(model, POSTHOC_TRACKED, snapshot_dir=snapshot_dir)
-    # torch's own EMA, doing the same averaging every step, only to time the update against
-    torch_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay))
-    updaters = [("fused", ema.update), ("torch", lambda: torch_ema.update_parameters(model))]
+    updaters = [("fused", ema.update)]
+    if timed:  # torch's own EMA, doing the same averaging every step, only to time the update against
+        torch_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay))
+        updaters.append(("torch", lambda: torch_ema.update_parameters(model)))
     seconds = {"fused": 0.0, "torch": 0.0}
     clock = _update_clock(device)
     updates = 0
     for epoch in range(settings.epochs):
         in_swa_phase = epoch >= settings.swa_start_epoch
-        if in_swa_phase:
-            scheduler.step()  # SWALR: anneal towards swa_lr, then hold it
         model.train()
         for xb, yb in batches(data.x_train, data.y_train, settings.batch_size, order):
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(xb), yb).backward()
             optimizer.step()
-            # alternate which runs first, so neither always finds the caches the other warmed
-            for name, update in (updaters if updates % 2 else updaters[::-1]):
-                t0 = clock()
-                update()
-                seconds[name] += clock() - t0
+            if timed:  # alternate which runs first, so neither always finds the caches the other warmed
+                for name, update in (updaters if updates % 2 else updaters[::-1]):
+                    t0 = clock()
+                    update()
+                    seconds[name] += clock() - t0
+            else:
+                ema.update()
             updates += 1
             if phema is not None:
                 phema.update()
@@ -284,10 +306,12 @@ def train_trajectory(index: int, init: StateDict, data: Data, settings: Settings
             phema.snapshot()
         if in_swa_phase:
             swa.update()
+        if settings.swa_start_epoch <= epoch + 1 < settings.epochs:
+            scheduler.step()  # SWALR, after this epoch's optimizer steps: the next (SWA-phase) epoch's lr
         on_epoch()
     return Trajectory(final=_clone(dict(model.named_parameters())), ema=_clone(ema.average_state_dict()),
                       swa=_clone(swa.average_state_dict()), fused_seconds=seconds["fused"],
-                      torch_seconds=seconds["torch"], ema_updates=updates)
+                      torch_seconds=seconds["torch"], ema_updates=updates, timed_updates=updates if timed else 0)
 
 
 @dataclass
@@ -319,8 +343,6 @@ def train_sam_trajectory(index: int, init: StateDict, data: Data, settings: Sett
     grad_evals = 0
     for epoch in range(settings.sam_epochs):
         in_swa_phase = epoch >= settings.sam_swa_start_epoch
-        if in_swa_phase:
-            scheduler.step()
         model.train()
         for xb, yb in batches(data.x_train, data.y_train, settings.batch_size, order):
             optimizer.zero_grad(set_to_none=True)
@@ -332,6 +354,8 @@ def train_sam_trajectory(index: int, init: StateDict, data: Data, settings: Sett
             grad_evals += 2
         if in_swa_phase:
             swa.update()  # after second_step: the restored, stepped weights, never w + e_w
+        if settings.sam_swa_start_epoch <= epoch + 1 < settings.sam_epochs:
+            scheduler.step()  # after the optimizer steps (an SWA phase from epoch 0 starts at lr itself)
         on_epoch()
     return SamTrajectory(swa=_clone(swa.average_state_dict()), grad_evals=grad_evals)
 
@@ -360,14 +384,32 @@ class Report:
     fused_seconds: float
     torch_seconds: float
     ema_updates: int
+    timed_updates: int = 0  # EMA updates timed against torch's (one trajectory's)
     grad_evals: Tuple[int, int] = (0, 0)  # per trajectory: (SGD runs, SAM runs)
     posthoc: Tuple[Tuple[float, float, float], ...] = ()  # (sigma_rel, test accuracy, test NLL), trajectory 1
     posthoc_sgd: Tuple[float, float] = (0.0, 0.0)  # trajectory 1's last SGD iterate: (accuracy, NLL)
     posthoc_files: int = 0  # snapshot files written
+    sections: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # name -> (wall s, CPU s)
 
     def row(self, prefix: str) -> Row:
         """The table row whose name starts with ``prefix``."""
         return next(r for r in self.rows if r.name.startswith(prefix))
+
+
+class _SectionClock:
+    """Wall and process CPU seconds per named section of the demo (``with clock("name"): ...``)."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, Tuple[float, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            before = self.seconds.get(name, (0.0, 0.0))
+            self.seconds[name] = (before[0] + time.perf_counter() - wall, before[1] + time.process_time() - cpu)
 
 
 def _mean_scores(evaluator: Evaluator, state_dicts: List[StateDict]) -> Tuple[float, float]:
@@ -389,21 +431,26 @@ def compare(settings: Settings, progress: bool = True) -> Report:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small runs fastest (and steadiest) on one thread
     snapshots = tempfile.TemporaryDirectory(prefix="swm-fused-demo-phema-")
+    clock = _SectionClock()
     try:
-        data = load_digits_data(settings.seed, device)
-        torch.manual_seed(settings.seed)
-        init = make_model(settings).to(device).state_dict()  # the shared initialisation
+        with clock("data"):
+            data = load_digits_data(settings.seed, device)
+            torch.manual_seed(settings.seed)
+            init = make_model(settings).to(device).state_dict()  # the shared initialisation
         runs: List[Trajectory] = []
         sam_runs: List[SamTrajectory] = []
         with tqdm(total=settings.trajectories * (settings.epochs + settings.sam_epochs), desc="training",
                   unit="epoch", disable=not progress) as bar:
-            for k in range(settings.trajectories):
-                runs.append(train_trajectory(k, init, data, settings, lambda: bar.update(1),
-                                             snapshot_dir=snapshots.name if k == 0 else None))
-            for k in range(settings.trajectories):
-                sam_runs.append(train_sam_trajectory(k, init, data, settings, lambda: bar.update(1)))
+            with clock("SGD runs"):
+                for k in range(settings.trajectories):
+                    runs.append(train_trajectory(k, init, data, settings, lambda: bar.update(1),
+                                                 snapshot_dir=snapshots.name if k == 0 else None,
+                                                 timed=k == 1))  # the one without post-hoc EMA
+            with clock("SAM runs"):
+                for k in range(settings.trajectories):
+                    sam_runs.append(train_sam_trajectory(k, init, data, settings, lambda: bar.update(1)))
         evaluator = Evaluator(data, settings)
-        with tqdm(total=4, desc="evaluating", disable=not progress, leave=False) as bar:
+        with clock("evaluation"), tqdm(total=4, desc="evaluating", disable=not progress, leave=False) as bar:
             sgd = _mean_scores(evaluator, [r.final for r in runs])
             ensemble_probs = torch.stack([evaluator.log_probs(r.final).exp() for r in runs]).mean(0)
             ensemble = scores(ensemble_probs.clamp_min(1e-12).log(), data.y_test)
@@ -416,9 +463,10 @@ def compare(settings: Settings, progress: bool = True) -> Report:
             bar.update(1)
             line = interpolation_barrier(runs[0].swa, runs[1].swa, evaluator.nll, steps=11)
             bar.update(1)
-        posthoc = tuple((s, *evaluator.scores(reconstruct(snapshots.name, s))) for s in POSTHOC_SIGMAS)
-        posthoc_sgd = evaluator.scores(runs[0].final)
-        posthoc_files = len(os.listdir(snapshots.name))
+        with clock("post-hoc reconstruction"):
+            posthoc = tuple((s, *evaluator.scores(reconstruct(snapshots.name, s))) for s in POSTHOC_SIGMAS)
+            posthoc_sgd = evaluator.scores(runs[0].final)
+            posthoc_files = len(os.listdir(snapshots.name))
     finally:
         torch.set_num_threads(threads)
         snapshots.cleanup()
@@ -433,9 +481,9 @@ def compare(settings: Settings, progress: bool = True) -> Report:
                   n_params=sum(t.numel() for t in runs[0].final.values()), rows=rows,
                   barrier_losses=line.losses, barrier=line.barrier,
                   fused_seconds=sum(r.fused_seconds for r in runs), torch_seconds=sum(r.torch_seconds for r in runs),
-                  ema_updates=sum(r.ema_updates for r in runs),
+                  ema_updates=sum(r.ema_updates for r in runs), timed_updates=sum(r.timed_updates for r in runs),
                   grad_evals=(runs[0].ema_updates, sam_runs[0].grad_evals), posthoc=posthoc,
-                  posthoc_sgd=posthoc_sgd, posthoc_files=posthoc_files)
+                  posthoc_sgd=posthoc_sgd, posthoc_files=posthoc_files, sections=dict(clock.seconds))
 
 
 def _parse_device(name: str) -> torch.device:
@@ -506,14 +554,18 @@ def format_report(report: Report) -> str:
             f"SGD iterate: {report.posthoc_sgd[0]:.2f}%, {report.posthoc_sgd[1]:.4f}); chosen on the test set itself, "
             "so a real run would pick it on a validation split",
         ]
-    fused_us = report.fused_seconds / report.ema_updates * 1e6
-    torch_us = report.torch_seconds / report.ema_updates * 1e6
+    timed = report.timed_updates or report.ema_updates
+    fused_us = report.fused_seconds / timed * 1e6
+    torch_us = report.torch_seconds / timed * 1e6
     clock = "CPU" if torch.device(s.device).type == "cpu" else "wall"
     lines.append(
-        f"EMA update, {clock} time per step ({report.ema_updates} updates): swm_fused WeightAverager.update "
+        f"EMA update, {clock} time per step ({timed} updates of trajectory 2): swm_fused WeightAverager.update "
         f"{fused_us:.0f} us, torch AveragedModel.update_parameters with get_ema_multi_avg_fn {torch_us:.0f} us "
         f"({torch_us / max(fused_us, 1e-9):.2f}x). With {report.n_params:,} parameters both are bound by "
         "per-call Python overhead, not memory traffic; bench/ compares them on large models.")
+    if report.sections:
+        lines.append("time by section, wall (CPU): " + ", ".join(
+            f"{name} {wall:.1f} s ({cpu:.1f} s)" for name, (wall, cpu) in report.sections.items()))
     return "\n".join(lines)
 
 

@@ -715,8 +715,9 @@ class AveragingEngine:
         check shared by all K (no host sync); each engine's counters move as after
         ``update("ema", decay=d_k)``, whose result it matches bit for bit when ``weights[k] == 1 - d_k``
         exactly (float64 averages compute the weight in float64: 0.3 and 1 - 0.7 differ by an ulp).
-        Averages may differ in dtype. Engines that do not share a layout are updated one by one
-        (same results, K passes).
+        Averages may differ in dtype. On one device the check, the K averages and every engine's
+        counters are one call into C++ over lists bound once (:meth:`BoundLists.step_multi_`).
+        Engines that do not share a layout are updated one by one (same results, K passes).
         """
         engines = list(engines)
         weights = [float(w) for w in weights]
@@ -738,6 +739,23 @@ class AveragingEngine:
         for e in engines[1:]:
             e._current()
         sources = first._group_sources(tensors)
+        if len(sources) == 1:
+            # One device: the NaN/Inf check, the K averages and every engine's counters in one call
+            # into C++ over lists bound once (BoundLists.step_multi_), as update() does for one engine.
+            avg0, src = sources[0]
+            flat = avg0 is first._groups[0].avg.storages  # a flattened model pairs storage by storage
+            avgs = [e._groups[0].avg.storages if flat else e._groups[0].avg for e in engines]
+            flag = first._bound_multi(avgs, src).step_multi_(
+                weights, [e._groups[0].counts for e in engines], skip_nonfinite=first.skip_nonfinite,
+                skipped=[e.skipped_tensor for e in engines])
+            if first._groups[0].copied:
+                for e in engines:
+                    e._copy_latest(e._groups[0], tensors, flag)
+            for e in engines:
+                e.attempts[0] += 1
+                e._tokens = [e._next_token]
+                e._next_token += 1
+            return
         flag = None
         if first.skip_nonfinite:
             flags = [any_nonfinite(src) for _, src in sources]
@@ -766,6 +784,19 @@ class AveragingEngine:
             e.attempts[0] += 1
             e._tokens = [e._next_token]
             e._next_token += 1
+
+    def _bound_multi(self, avgs: List[Any], src: Any) -> BoundLists:
+        """(K averages, source) bound once in C++ for :meth:`ema_multi`, rebound when any of the objects
+        changes (the source list is rebuilt whenever the model's structure changes, so a binding never
+        goes stale). Kept apart from :meth:`_bound`'s cache so the two never evict each other."""
+        cache = self.__dict__.setdefault("_bound_multi_cache", {})
+        key = (*map(id, avgs), id(src))
+        cached = cache.get(key)
+        if cached is None or cached[1] is not src or any(a is not b for a, b in zip(cached[0], avgs)):
+            if len(cache) >= 4:  # sharded models rebuild their source list every call
+                cache.clear()
+            cached = cache[key] = (list(avgs), src, BoundLists(*avgs, src))
+        return cached[2]
 
     # ------------------------------------------------------------------------ swapping
     @property

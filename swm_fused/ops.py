@@ -212,6 +212,22 @@ def swag_(mean: TensorList, sq_mean: TensorList, src: TensorList, n_averaged: Un
          (weight, weight_tensor, found_inf), (weight_tensor, found_inf))
 
 
+def _check_weights(op: str, weights: Sequence[float], count: int, kind: str) -> List[float]:
+    """``count`` finite numbers, one per ``kind`` list, as floats."""
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{op}: weights must be a sequence of numbers, got {type(weights).__name__}")
+    if len(weights) != count:
+        raise ValueError(f"{op}: got {len(weights)} weights for {count} {kind} lists")
+    return [_check_number(op, f"weights[{k}]", w) for k, w in enumerate(weights)]
+
+
+def _check_unit_weights(op: str, weights: List[float]) -> None:
+    """EMA weights (a source's share, ``1 - decay``) lie in [0, 1]."""
+    for k, w in enumerate(weights):
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"{op}: weights[{k}] must be in [0, 1], got {w}")
+
+
 def _k_lists(op: str, name: str, value: Sequence[TensorList], weights: Sequence[float], kind: str,
              paired: Tuple[str, List[Tensor]]) -> Tuple[List[List[Tensor]], List[float]]:
     """K tensor lists and their K weights: types, counts, finite numbers, and each list as long as
@@ -221,11 +237,7 @@ def _k_lists(op: str, name: str, value: Sequence[TensorList], weights: Sequence[
     if len(value) == 0:
         raise ValueError(f"{op}: {name} is empty; give at least one {kind}")
     lists = [_as_list(op, f"{name}[{k}]", x) for k, x in enumerate(value)]
-    if not isinstance(weights, (list, tuple)):
-        raise TypeError(f"{op}: weights must be a sequence of numbers, got {type(weights).__name__}")
-    if len(weights) != len(lists):
-        raise ValueError(f"{op}: got {len(weights)} weights for {len(lists)} {'input' if kind == 'model' else 'average'} lists")
-    weights = [_check_number(op, f"weights[{k}]", w) for k, w in enumerate(weights)]
+    weights = _check_weights(op, weights, len(lists), "input" if kind == "model" else "average")
     paired_name, paired_list = paired
     for k, xs in enumerate(lists):
         if len(xs) != len(paired_list):
@@ -264,15 +276,19 @@ def ema_multi_(avgs: Sequence[TensorList], src: TensorList, weights: Sequence[fl
     K tensor lists (or K FlatBuffers of the source's layout), each paired with ``src`` by position.
     If ``found_inf`` is non-zero nothing changes.
     """
-    srcs = _as_list("ema_multi_", "src", src)
-    avg_lists, weights = _k_lists("ema_multi_", "avgs", avgs, weights, "profile", ("src", srcs))
-    for k, w in enumerate(weights):
-        if not 0.0 <= w <= 1.0:
-            raise ValueError(f"ema_multi_: weights[{k}] must be in [0, 1], got {w}")
-    _check_flag_type("ema_multi_", found_inf)
+    _ema_multi("ema_multi_", avgs, src, weights, found_inf)
+
+
+def _ema_multi(op: str, avgs: Sequence[TensorList], src: TensorList, weights: Sequence[float],
+               found_inf: Optional[Tensor]) -> None:
+    """:func:`ema_multi_`, its errors prefixed with ``op``."""
+    srcs = _as_list(op, "src", src)
+    avg_lists, weights = _k_lists(op, "avgs", avgs, weights, "profile", ("src", srcs))
+    _check_unit_weights(op, weights)
+    _check_flag_type(op, found_inf)
     if not srcs:
         return
-    _run("ema_multi_", "lerp_multi_", [*avg_lists, srcs], [*avgs, src],
+    _run(op, "lerp_multi_", [*avg_lists, srcs], [*avgs, src],
          lambda *lists: _check_lerp_multi(*lists, found_inf=found_inf), (weights, found_inf),
          pack=lambda lists: (lists[:-1], lists[-1]))
 
@@ -300,7 +316,8 @@ class BoundLists:
     """Tensor lists bound once, for ops repeated every step with no per-tensor cost in Python.
 
     ``BoundLists(avg, src)`` serves :meth:`ema_` and :meth:`swa_`; ``BoundLists(mean, sq_mean, src)``
-    serves :meth:`swag_`; :meth:`any_nonfinite` checks one of the lists. With the compiled backend
+    serves :meth:`swag_`; ``BoundLists(avg_1, ..., avg_K, src)`` serves :meth:`step_multi_` (K EMA
+    profiles of one source); :meth:`any_nonfinite` checks one of the lists. With the compiled backend
     (cpp on CPU, cuda on CUDA) the lists cross into C++ once, at the first call, and each call then
     costs a few microseconds whatever the number of tensors; other backends run the plain ops.
     Every call is validated exactly like the plain op (csrc/validate.h), with the same errors. The
@@ -402,6 +419,42 @@ class BoundLists:
             return flag
         return self._call("step_", handle, "step_", 0.0 if decay is None else 1.0 - decay, decay is None,
                           skip_nonfinite, counts)
+
+    def step_multi_(self, weights: Sequence[float], counts: Sequence[Tensor] = (), *, skip_nonfinite: bool = True,
+                    skipped: Sequence[Tensor] = ()) -> Optional[Tensor]:
+        """One step of K EMA profiles over the bound (avg_1, ..., avg_K, src), in one call into C++ with the
+        compiled backend (K + 1 bound lists, the source last).
+
+        With ``skip_nonfinite``, ``flag = any_nonfinite(src)`` first (every src tensor must be floating);
+        then :func:`ema_multi_` with ``weights`` (K numbers in [0, 1], each profile's source weight
+        ``1 - decay_k``), skipped when flagged; then every tensor of ``counts`` += ``1 - flag`` and every
+        tensor of ``skipped`` += ``flag`` (integer device tensors: the callers' counters; without the
+        check, ``counts`` += 1). Returns the flag (None without the check). Never synchronises.
+        """
+        if len(self._lists) < 2:
+            raise ValueError(f"step_multi_: needs K >= 1 average lists and the source, this binding has "
+                             f"{len(self._lists)} list")
+        weights = _check_weights("step_multi_", weights, len(self._lists) - 1, "average")
+        _check_unit_weights("step_multi_", weights)
+        counts, skipped = list(counts), list(skipped)
+        for name, tensors in (("counts", counts), ("skipped", skipped)):
+            if not all(isinstance(t, Tensor) for t in tensors):
+                raise TypeError(f"step_multi_: {name} must be a sequence of Tensors")
+        handle = self._compiled(tuple(range(len(self._lists)))) if len(self) else None
+        if handle is None:  # Python backends (and empty lists): the plain ops, same results
+            flag = any_nonfinite(self._lists[-1]) if skip_nonfinite else None
+            _ema_multi("step_multi_", self._lists[:-1], self._lists[-1], weights, flag)
+            if flag is None:
+                for c in counts:
+                    c.add_(1)
+            else:
+                skip = flag.to(torch.int64)
+                for c in counts:
+                    c.sub_(skip).add_(1)
+                for s in skipped:
+                    s.add_(skip)
+            return flag
+        return self._call("step_multi_", handle, "step_multi_", weights, skip_nonfinite, counts, skipped)
 
     def any_nonfinite(self, index: int = -1) -> Tensor:
         """:func:`any_nonfinite` of bound list ``index`` (default: the last, the source)."""

@@ -3,9 +3,11 @@
 Each requested sigma_rel is solved for least-squares weights over the snapshots taken at or before
 the target time (docs/posthoc.md), then the snapshots are merged tensor by tensor with those weights
 by swm_fused.merge.merge_files (float32 accumulation, peak memory about (K+1) times the largest
-tensor), into OUT_DIR/ema-sigma{SIGMA}-t{T}.safetensors. Everything is checked before anything is
-written: a sigma_rel out of range is a usage error (exit 2); fewer than two distinct profiles, a
-target time no snapshot was taken at, or snapshots of different models exit 1.
+tensor), into OUT_DIR/ema-sigma{SIGMA}-t{T}.safetensors. Each output's metadata records the post-hoc
+facts (swm_fused.phema.*: sigma_rel, gamma, t, the time unit, the snapshots used and their
+coefficients) beside merge_files' own. Everything is checked before anything is written: a
+sigma_rel out of range is a usage error (exit 2); fewer than two distinct profiles, a target time
+no snapshot was taken at, or snapshots of different models exit 1.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .merge import merge_files
-    from .posthoc import plan_reconstruction, read_snapshots, sigma_rel_to_gamma
+    from .posthoc import plan_reconstruction, read_snapshots, reconstruction_metadata, sigma_rel_to_gamma
 
     parser = args._parser
     sigma_rels = list(dict.fromkeys(args.sigma_rel))
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
                       disable=None if args.progress is None else not args.progress) as bar:
                 for sigma_rel, paths, weights, t_star in bar:
                     out = out_dir / f"ema-sigma{sigma_rel!r}-t{t_star}.safetensors"
-                    merge_files(paths, out, weights, normalize=False, dtype=args.dtype, progress=args.progress)
+                    merge_files(paths, out, weights, normalize=False, dtype=args.dtype, progress=args.progress,
+                                metadata=reconstruction_metadata(snapshots, sigma_rel, paths, weights, t_star))
                     print(f"sigma_rel {sigma_rel}: {len(paths)} snapshots -> {out}")
         except KeyboardInterrupt:
             print("swm-fused phema: interrupted; the profile being written was not", file=sys.stderr)

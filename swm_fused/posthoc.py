@@ -176,6 +176,73 @@ def _count(name: str, value: Any) -> int:
     return int(value)
 
 
+def _is_dtensor(tensor: Tensor) -> bool:
+    return type(tensor) is not Tensor and hasattr(tensor, "full_tensor")
+
+
+SnapshotLayout = List[Tuple[str, torch.dtype, Tuple[int, ...]]]
+
+
+def _write_snapshot(path: Path, layout: SnapshotLayout, metadata: Mapping[str, str], tensors: Sequence[Tensor]) -> None:
+    """One snapshot file of local tensors, atomically (a temporary name beside it, fsync, rename)."""
+    from .merge import writer
+
+    with writer._atomic_output(path) as file:
+        file.write(writer._safetensors_header(layout, metadata))
+        for (_, dtype, _), tensor in zip(layout, tensors):
+            writer.write_tensor(file, tensor.to(dtype))
+
+
+def _write_gathered(path: Path, layout: SnapshotLayout, metadata: Mapping[str, str], tensors: Sequence[Tensor]) -> None:
+    """One snapshot file of a sharded profile, written by rank 0 as full tensors. Collective: every rank
+    calls it with the same layout and joins each gather (``full_tensor``), one tensor at a time.
+
+    A failure to write on rank 0 stops its writing, never the gathers (the other ranks wait in them);
+    afterwards one broadcast tells every rank whether the file was written, and all raise if not.
+    """
+    import torch.distributed as dist
+
+    from .merge import writer
+
+    output = file = error = None
+    if dist.get_rank() == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            opened = writer._atomic_output(path)
+            file = opened.__enter__()
+            output = opened
+            file.write(writer._safetensors_header(layout, metadata))
+        except Exception as exc:
+            error, file = exc, None
+    try:
+        for (_, dtype, _), tensor in zip(layout, tensors):
+            full = tensor.full_tensor() if _is_dtensor(tensor) else tensor  # a collective: all ranks, same order
+            if file is not None:
+                try:
+                    writer.write_tensor(file, full.to(dtype))
+                except Exception as exc:
+                    error, file = exc, None
+            del full  # before the next gather: one full tensor at a time
+    except BaseException as exc:  # a gather failed (or an interrupt): remove the temporary file, give up
+        if output is not None:
+            output.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if output is not None:
+        if error is None:
+            try:
+                output.__exit__(None, None, None)  # fsync, rename into place
+            except Exception as exc:
+                error = exc
+        else:
+            output.__exit__(type(error), error, error.__traceback__)  # removes the temporary file
+    status = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(status, src=0)
+    if error is not None:
+        raise error
+    if status[0] is not None:
+        raise RuntimeError(f"snapshot: rank 0 could not write {path}: {status[0]}")
+
+
 class PostHocEMA:
     """Power-function EMA profiles of a model (EDM2's post-hoc EMA), with snapshots to reconstruct any length later.
 
@@ -192,10 +259,14 @@ class PostHocEMA:
         dtype: the profiles' dtype (float32: fp32 profiles of a bf16 model).
         skip_nonfinite: an update whose model tensors hold NaN/Inf leaves every profile unchanged
             (checked on the device, no host sync).
-        device: where the profiles live (None: next to each tensor; ``"cpu"``: offloaded).
+        device: where the profiles live (None: next to each tensor; ``"cpu"``: offloaded, the model
+            copied into a staging buffer there at each update, pinned for a CUDA model).
 
     One :class:`~swm_fused.AveragingEngine` per profile; :meth:`update` folds the model into all of
-    them in one :func:`~swm_fused.ema_multi_` pass (:meth:`AveragingEngine.ema_multi`).
+    them in one :func:`~swm_fused.ema_multi_` pass (:meth:`AveragingEngine.ema_multi`: on one
+    device, one call into C++ with the NaN/Inf check and the counters, ``BoundLists.step_multi_``).
+    DTensor-sharded models work: updates average the shards, :meth:`snapshot` (collective) writes
+    full tensors from rank 0.
 
     Time and skipped updates: the host cannot see the device's NaN/Inf flag without a sync, so
     the profile's time advances on every :meth:`update` call, applied or skipped. A skipped update
@@ -262,8 +333,10 @@ class PostHocEMA:
         t = step if self.time == "steps" else samples
         if t <= self.t:
             raise ValueError(f"update: time must increase: got {self.time} {t} after {self.t}")
-        dt = t - self.t
-        weights = [1.0 - power_function_beta(t, dt, g) for g in self.gammas]
+        # power_function_beta(t, t - self.t, g) for each profile, inline: t and dt are checked ints, the
+        # gammas were checked at construction (the same float operations, so the same betas)
+        ratio = 1.0 - (t - self.t) / t
+        weights = [1.0 - ratio ** (g + 1.0) for g in self.gammas]
         AveragingEngine.ema_multi(self.engines, weights)
         self.t, self.step, self.samples = t, step, samples
         every = self.snapshot_every
@@ -294,20 +367,22 @@ class PostHocEMA:
     @torch.no_grad()
     def snapshot(self) -> List[Path]:
         """Write every profile at the current time: one safetensors file per profile, each atomically
-        (a temporary name beside it, fsync, ``os.replace``). Returns the paths."""
-        from .merge import writer
+        (a temporary name beside it, fsync, ``os.replace``). Returns the paths.
 
+        Sharded (DTensor) profiles are written as full tensors, gathered one tensor at a time
+        (``DTensor.full_tensor``: peak extra memory one full tensor); only rank 0 writes, the other
+        ranks write nothing (not even the folder) and return the paths rank 0 wrote. **Collective**
+        then: every rank must call it (an update that crosses ``snapshot_every`` does, on every rank
+        alike), and rank 0 must belong to the meshes of every sharded tensor. If rank 0 cannot write,
+        every rank raises (rank 0 its error, the others a RuntimeError saying so) after the gathers.
+        """
         if self.snapshot_dir is None:
             raise ValueError("snapshot: this PostHocEMA has no snapshot_dir")
         if self.t == 0:
             raise ValueError("snapshot: no update yet; a profile needs t > 0")
-        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for sigma_rel, gamma, engine in zip(self.sigma_rels, self.gammas, self.engines):
             average = engine.average_state_dict()
-            if any(not type(t) is Tensor and hasattr(t, "full_tensor") for t in average.values()):
-                raise NotImplementedError("snapshot: sharded (DTensor) profiles; save state_dict() with "
-                                          "torch.distributed.checkpoint instead")
             metadata = {"format": "pt", _META + "sigma_rel": repr(float(sigma_rel)), _META + "gamma": repr(gamma),
                         _META + "t": str(self.t), _META + "time": self.time, _META + "step": str(self.step),
                         _META + "samples": "" if self.samples is None else str(self.samples),
@@ -315,10 +390,11 @@ class PostHocEMA:
             layout = [(name, self.snapshot_dtype if t.is_floating_point() else t.dtype, tuple(t.shape))
                       for name, t in average.items()]
             path = self.snapshot_path(sigma_rel)
-            with writer._atomic_output(path) as file:
-                file.write(writer._safetensors_header(layout, metadata))
-                for (name, dt, _), tensor in zip(layout, average.values()):
-                    writer.write_tensor(file, tensor.to(dt))
+            if any(_is_dtensor(t) for t in average.values()):
+                _write_gathered(path, layout, metadata, list(average.values()))
+            else:
+                self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+                _write_snapshot(path, layout, metadata, list(average.values()))
             paths.append(path)
         self._snapshot_t = self.t
         return paths
@@ -430,6 +506,19 @@ def plan_reconstruction(snapshots: Sequence[Snapshot], sigma_rel: float,
     x = solve_coefficients([(s.t, s.sigma_rel) for s in snapshots], (t_star, sigma_rel))
     used = [i for i in range(len(snapshots)) if x[i] != 0.0]
     return [snapshots[i].path for i in used], [float(x[i]) for i in used], t_star
+
+
+def reconstruction_metadata(snapshots: Sequence[Snapshot], sigma_rel: float, paths: Sequence[Path],
+                            weights: Sequence[float], t_star: int) -> Dict[str, str]:
+    """The post-hoc facts of one reconstruction (what :func:`plan_reconstruction` returned), as safetensors
+    string metadata: ``swm_fused.phema.`` + ``kind`` (``reconstruction``), ``sigma_rel``, ``gamma``, ``t``
+    (the target time), ``time`` (its unit), ``snapshots`` (JSON list of the snapshot file names used),
+    ``coefficients`` (JSON list of their weights x_i, in that order, summing to 1) and ``fingerprint``."""
+    return {_META + "kind": "reconstruction", _META + "sigma_rel": repr(float(sigma_rel)),
+            _META + "gamma": repr(sigma_rel_to_gamma(sigma_rel)), _META + "t": str(t_star),
+            _META + "time": snapshots[0].time, _META + "snapshots": json.dumps([Path(p).name for p in paths]),
+            _META + "coefficients": json.dumps([float(w) for w in weights]),
+            _META + "fingerprint": snapshots[0].fingerprint}
 
 
 @torch.no_grad()

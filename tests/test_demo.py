@@ -97,6 +97,10 @@ def test_demo_prints_every_row(runs):
     for label in ("EMA", "SWA", "SAM \\+ SWA", "The SWM merge"):
         assert re.search(rf"{label} (beat|did not beat) the SGD last iterate", result.stdout), result.stdout
     assert "training" in result.stderr  # the progress bar
+    assert "Warning" not in result.stderr, result.stderr  # e.g. lr_scheduler.step() before optimizer.step()
+    sections = re.search(r"time by section, wall \(CPU\): (.*)", result.stdout)
+    assert sections and [s.split(" ")[0] for s in sections[1].split(", ")] == \
+        ["data", "SGD", "SAM", "evaluation", "post-hoc"], result.stdout
 
 
 def test_posthoc_line_reports_the_best_reconstruction(runs):
@@ -246,6 +250,7 @@ def test_rows_are_computed_from_the_averagers(monkeypatch, fresh_seed):
     assert report.barrier_losses[-1] == pytest.approx(swa_nll[1], rel=1e-5, abs=1e-7)
     assert report.barrier_losses[5] == pytest.approx(expected["SWM"][1], rel=1e-5, abs=1e-7)
     assert report.ema_updates == steps * settings.epochs * settings.trajectories
+    assert report.timed_updates == steps * settings.epochs  # one trajectory timed against torch
     assert report.grad_evals == (steps * settings.epochs, 2 * steps * settings.sam_epochs)
 
 
@@ -265,8 +270,19 @@ def test_verdict_follows_the_numbers():
     assert "SAM + SWA did not beat the SGD last iterate in accuracy or NLL (+0.00 points accuracy, +0.0100 NLL)." in text
 
 
+def test_digits_are_scikit_learns():
+    """The data file read directly is what sklearn.datasets.load_digits returns."""
+    from sklearn.datasets import load_digits
+
+    x, y = demo._digits()
+    digits = load_digits()
+    assert torch.equal(x, torch.tensor(digits.data, dtype=torch.float32)) and x.shape == (1797, 64)
+    assert torch.equal(y, torch.tensor(digits.target, dtype=torch.long))
+
+
 def test_missing_scikit_learn_is_one_line(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes finding and importing it fail
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert cli.main(["demo", "--epochs", "2"]) == 1
     err = capsys.readouterr().err
     assert err == "swm-fused demo: error: the demo needs scikit-learn for its bundled digits data: " \

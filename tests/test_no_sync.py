@@ -17,6 +17,10 @@ class HostSync(AssertionError):
 
 @pytest.fixture
 def no_host_sync(monkeypatch):
+    forbid_host_sync(monkeypatch)
+
+
+def forbid_host_sync(monkeypatch) -> None:
     def forbidden(name):
         def call(*args, **kwargs):
             raise HostSync(f"{name} was called inside an op")
@@ -65,3 +69,28 @@ def test_no_op_path_synchronises(row, no_host_sync):
 def test_automatic_choice_does_not_synchronise_either(no_host_sync):
     for device in {r[1] for r in rows()}:
         _every_op(device)
+
+
+@pytest.mark.parametrize("row", rows(), ids=row_id)
+def test_bound_step_multi_and_posthoc_update_multi_do_not_synchronise(row, monkeypatch):
+    """BoundLists.step_multi_ (K profiles, NaN check, counters) and PostHocEMA.update, which runs it,
+    never wait for the device (built first: construction may copy to the host)."""
+    from swm_fused.posthoc import PostHocEMA
+
+    backend, device = row
+    shapes = [(4097,), (7, 3), (1,)]
+    with use_backend(backend):
+        avgs = [[random_tensor(s, torch.float32, device) for s in shapes] for _ in range(3)]
+        src = [random_tensor(s, torch.bfloat16, device) for s in shapes]
+        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(3)]
+        skipped = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(3)]
+        handle = swm_fused.BoundLists(*avgs, src)
+        model = {"w": random_tensor((33, 5), torch.bfloat16, device), "b": random_tensor((5,), torch.float32, device)}
+        phema = PostHocEMA(model, sigma_rels=(0.05, 0.1))
+        forbid_host_sync(monkeypatch)
+        handle.step_multi_([0.1, 0.2, 0.3], counts, skipped=skipped)
+        handle.step_multi_([0.1, 0.2, 0.3], counts, skip_nonfinite=False)
+        for _ in range(3):
+            phema.update()
+    with pytest.raises(HostSync):  # the patches are live
+        torch.zeros(1).item()

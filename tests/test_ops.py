@@ -3,6 +3,7 @@ the reference against float64 math, every other backend against the reference, t
 from __future__ import annotations
 
 import itertools
+import random
 import re
 from typing import Dict, List
 from unittest import mock
@@ -586,3 +587,67 @@ def test_bound_step_is_check_average_and_count_in_one_call(row, mode):
     assert torch.equal(counts_plain, counts_bound) and counts_bound.tolist() == [6, 6]
     for i, (a, b) in enumerate(zip(written(plain), written(bound))):
         assert torch.equal(bits(a), bits(b)), f"{backend} step_ tensor {i}"
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("row", ROWS, ids=row_id)
+def test_bound_step_multi_is_check_k_averages_and_counters_in_one_call(row, k):
+    """BoundLists.step_multi_ equals any_nonfinite + ema_multi_ with found_inf + the counter updates, bit
+    for bit, on every backend (the compiled one through one C++ call, the others through the plain ops)."""
+    backend, device = row
+    case = make_case("ema_multi_", [(4097,), (7, 3), (1,)], [torch.float32, torch.bfloat16, torch.float64],
+                     [torch.float16, torch.float32], k=k, device=device)
+    plain, bound = copy_case(case), copy_case(case)
+    counts_plain = [torch.tensor([j], device=device) for j in range(k)]
+    skipped_plain = [torch.tensor(5 * j, device=device) for j in range(k)]
+    counts_bound, skipped_bound = clones(counts_plain), clones(skipped_plain)
+    with use_backend(backend):
+        handle = swm_fused.BoundLists(*bound["avgs"], bound["src"])
+        for step in range(4):
+            weights = [random.random() for _ in range(k)]
+            if step == 2:  # a NaN step: skipped, counted as skipped
+                plain["src"][1][0, 0] = bound["src"][1][0, 0] = float("nan")
+            if step == 3:
+                plain["src"][1][0, 0] = bound["src"][1][0, 0] = 1.0
+            flag = swm_fused.any_nonfinite(plain["src"])
+            swm_fused.ema_multi_(plain["avgs"], plain["src"], weights, found_inf=flag)
+            for c in counts_plain:
+                c.sub_(flag.to(torch.int64)).add_(1)
+            for s in skipped_plain:
+                s.add_(flag.to(torch.int64))
+            got = handle.step_multi_(weights, counts_bound, skipped=skipped_bound)
+            assert torch.equal(got, flag)
+        unchecked = handle.step_multi_([0.5] * k, counts_bound[:1], skip_nonfinite=False)
+        swm_fused.ema_multi_(plain["avgs"], plain["src"], [0.5] * k)
+        counts_plain[0].add_(1)
+    assert unchecked is None
+    assert [c.tolist() for c in counts_bound] == [c.tolist() for c in counts_plain] == \
+        [[j + 3 + (j == 0)] for j in range(k)]
+    assert [int(s) for s in skipped_bound] == [int(s) for s in skipped_plain] == [5 * j + 1 for j in range(k)]
+    for i, (a, b) in enumerate(zip(written(plain), written(bound))):
+        assert torch.equal(bits(a), bits(b)), f"{backend} step_multi_ tensor {i}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bound_step_multi_validates_and_names_the_op(backend):
+    avgs = [[random_tensor((4, 5), torch.float32), random_tensor((3,), torch.float32)] for _ in range(2)]
+    src = [random_tensor((4, 5), torch.bfloat16), random_tensor((3,), torch.float32)]
+    before = clones([t for x in avgs for t in x])
+    counts = [torch.zeros(1, dtype=torch.int64)]
+    with use_backend(backend):
+        handle = swm_fused.BoundLists(*avgs, src)
+        with pytest.raises(ValueError, match=re.escape("step_multi_: got 3 weights for 2 average lists")):
+            handle.step_multi_([0.1, 0.2, 0.3], counts)
+        with pytest.raises(ValueError, match=re.escape("step_multi_: weights[1] must be in [0, 1], got 1.5")):
+            handle.step_multi_([0.1, 1.5], counts)
+        with pytest.raises(TypeError, match=re.escape("step_multi_: weights must be a sequence of numbers")):
+            handle.step_multi_(0.1, counts)
+        with pytest.raises(TypeError, match=re.escape("step_multi_: counts must be a sequence of Tensors")):
+            handle.step_multi_([0.1, 0.2], [1])
+        with pytest.raises(ValueError, match=re.escape("step_multi_: needs K >= 1 average lists and the source")):
+            swm_fused.BoundLists(src).step_multi_([], counts)
+        src[1].resize_(5)  # changed behind the binding's back: the validator still sees it
+        with pytest.raises(ValueError, match=re.escape("step_multi_: shape mismatch at index 1")):
+            handle.step_multi_([0.1, 0.2], counts)
+    assert_unchanged(before, [t for x in avgs for t in x], "rejected step_multi_ calls")
+    assert counts[0].item() == 0

@@ -74,25 +74,65 @@ def test_engine_ema_multi_matches_separate_updates_and_skips_nonfinite():
         assert int(e.skipped) == 1 and int(e.count(0)) == 4 and e.attempts == [5]
 
 
+def test_engine_ema_multi_keeps_the_latest_integer_buffers_unless_skipped():
+    """Engines with buffers: the floating ones averaged, integer ones (num_batches_tracked) copied unless
+    the step is skipped, as update("ema") does engine by engine."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    fused = [AveragingEngine(model, include_buffers=True) for _ in range(2)]
+    alone = [AveragingEngine(model, include_buffers=True) for _ in range(2)]
+    for step in range(4):
+        model.train()
+        model(torch.randn(5, 4))  # moves the running stats and counts a batch
+        wiggle(model)
+        if step == 2:
+            with torch.no_grad():
+                model[0].bias[0] = float("nan")
+        AveragingEngine.ema_multi(fused, [0.5, 0.25])
+        for e, w in zip(alone, [0.5, 0.25]):
+            e.update("ema", decay=1.0 - w)
+        if step == 2:  # skipped: the count of step 1 stays, though the model has counted 3 batches
+            assert [int(e.average_state_dict()["1.num_batches_tracked"]) for e in fused + alone] == [2] * 4
+            with torch.no_grad():
+                model[0].bias[0] = 0.0
+    for a, b in zip(fused, alone):
+        got, expected = a.average_state_dict(), b.average_state_dict()
+        assert got.keys() == expected.keys() and "1.num_batches_tracked" in got
+        for name in got:
+            assert torch.equal(got[name], expected[name]), name
+        assert int(got["1.num_batches_tracked"]) == 4  # the latest again
+        assert int(a.skipped) == int(b.skipped) == 1 and int(a.count(0)) == int(b.count(0)) == 3
+
+
 def test_lazy_export():
     assert swm_fused.PostHocEMA is PostHocEMA and swm_fused.posthoc is posthoc
 
 
-def test_update_is_one_fused_pass(monkeypatch):
+def test_update_is_one_call_into_cpp_on_lists_bound_once(monkeypatch):
+    """One BoundLists.step_multi_ per update (check, K averages, counters), on one binding; no plain op
+    runs on the compiled backend (they would raise here)."""
+    from swm_fused import ops
+
     calls = []
-    original = engine_module.ema_multi_
+    real = swm_fused.BoundLists.step_multi_
 
-    def counting(avgs, src, weights, **kwargs):
-        calls.append(len(avgs))
-        return original(avgs, src, weights, **kwargs)
+    def spy(self, weights, *args, **kwargs):
+        calls.append((id(self), len(weights)))
+        return real(self, weights, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "ema_multi_", counting)
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a plain op ran inside PostHocEMA.update")
+
+    monkeypatch.setattr(swm_fused.BoundLists, "step_multi_", spy)
+    for module in (engine_module, ops):
+        for name in ("ema_multi_", "ema_", "any_nonfinite"):
+            monkeypatch.setattr(module, name, forbidden)
     model = small_model()
     phema = PostHocEMA(model, sigma_rels=(0.05, 0.08, 0.10))
     for _ in range(3):
         wiggle(model)
         phema.update()
-    assert calls == [3, 3, 3]
+    assert [k for _, k in calls] == [3, 3, 3] and len({i for i, _ in calls}) == 1
+    assert phema.engines[0].attempts == [3] and all(int(e.count(0)) == 3 for e in phema.engines)
 
 
 # ------------------------------------------------------------------------------------- profiles
@@ -218,6 +258,100 @@ def test_resume_continues_bit_for_bit(tmp_path):
     other = PostHocEMA(small_model(), sigma_rels=(0.05, 0.07))
     with pytest.raises(ValueError, match="sigma_rels"):
         other.load_state_dict(saved["phema"])
+
+
+# ------------------------------------------------------------------------------ device / offload
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")], ids=["str", "torch.device"])
+def test_device_cpu_profiles_equal_the_default_ones_bit_for_bit(tmp_path, device):
+    model = small_model(torch.bfloat16)
+    default = PostHocEMA(model, (0.05, 0.1), snapshot_every=3, snapshot_dir=tmp_path / "default")
+    placed = PostHocEMA(model, (0.05, 0.1), snapshot_every=3, snapshot_dir=tmp_path / "placed", device=device)
+    for e in placed.engines:
+        assert e.device == torch.device("cpu") and e.devices == [torch.device("cpu")]
+        assert all(s.device.type == "cpu" for s in e.flat_average().storages)
+    for step in range(1, 8):
+        wiggle(model)
+        if step == 5:
+            with torch.no_grad():
+                model[0].bias[0] = float("nan")  # skipped by both
+        default.update()
+        placed.update()
+        if step == 5:
+            with torch.no_grad():
+                model[0].bias[0] = 0.25
+    assert int(default.skipped) == int(placed.skipped) == 1
+    for s in placed.sigma_rels:
+        for name, value in placed.profile_state_dict(s).items():
+            assert torch.equal(value, default.profile_state_dict(s)[name]), (s, name)
+    names = sorted(p.name for p in (tmp_path / "default").iterdir())
+    assert len(names) == 4 and names == sorted(p.name for p in (tmp_path / "placed").iterdir())
+    for name in names:
+        assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "placed" / name).read_bytes()
+
+
+def test_device_keeps_profiles_on_another_device_than_the_model(monkeypatch):
+    """The offload path (averages on one device, the model on another, a staging copy each update):
+    the meta device stands in for the second device on a CPU-only machine, so this checks placement
+    and plumbing, not values (test_cpu_offload_of_a_cuda_model_matches_profiles_on_the_gpu does those)."""
+    sources = []
+    real = swm_fused.BoundLists.step_multi_
+
+    def spy(self, *args, **kwargs):
+        sources.append(self._lists[-1])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(swm_fused.BoundLists, "step_multi_", spy)
+    model = small_model()
+    phema = PostHocEMA(model, (0.05, 0.1), device="meta")
+    for e in phema.engines:
+        assert e.devices == [torch.device("meta")]
+        assert all(s.device.type == "meta" for s in e.flat_average().storages)
+        assert [s.device.type for b in e.staging_buffers() for s in b.storages] == ["meta"]
+    for _ in range(2):
+        wiggle(model)
+        phema.update()
+    assert len(sources) == 2 and all(t.device.type == "meta" for src in sources for t in src)
+    assert phema.engines[0].attempts == [2] and phema.skipped.device.type == "meta"
+    with pytest.raises(RuntimeError):
+        PostHocEMA(model, device="no-such-device")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_offload_of_a_cuda_model_matches_profiles_on_the_gpu(tmp_path):
+    model = small_model(torch.bfloat16).cuda()
+    on_gpu = PostHocEMA(model, (0.05, 0.1), snapshot_dir=tmp_path / "gpu", snapshot_dtype=torch.float32)
+    offloaded = PostHocEMA(model, (0.05, 0.1), device="cpu", snapshot_dir=tmp_path / "cpu",
+                           snapshot_dtype=torch.float32)
+    assert on_gpu.engines[0].devices[0].type == "cuda" and offloaded.engines[0].devices == [torch.device("cpu")]
+    assert all(s.is_pinned() for b in offloaded.engines[0].staging_buffers() for s in b.storages)
+    oracle = {s: None for s in on_gpu.sigma_rels}
+    for step in range(1, 9):
+        wiggle(model)
+        if step == 4:
+            with torch.no_grad():
+                model[2].weight[0, 0] = float("inf")  # skipped by both, on their own devices
+        on_gpu.update()
+        offloaded.update()
+        if step == 4:
+            with torch.no_grad():
+                model[2].weight[0, 0] = 0.5
+            continue
+        theta = {n: p.detach().double().cpu() for n, p in model.named_parameters()}
+        for s, g in zip(on_gpu.sigma_rels, on_gpu.gammas):
+            beta = power_function_beta(step, 1, g)  # dt = 1 after the skipped call too (time advanced)
+            oracle[s] = theta if oracle[s] is None else {n: beta * oracle[s][n] + (1 - beta) * theta[n] for n in theta}
+    assert int(on_gpu.skipped) == int(offloaded.skipped) == 1
+    on_gpu.snapshot()
+    offloaded.snapshot()
+    for s in on_gpu.sigma_rels:
+        for name, value in offloaded.profile_state_dict(s).items():
+            assert value.device.type == "cpu"
+            torch.testing.assert_close(value, on_gpu.profile_state_dict(s)[name].cpu(), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(value.double(), oracle[s][name], rtol=1e-5, atol=1e-6)
+        got = load_state_dict(offloaded.snapshot_path(s))
+        expected = load_state_dict(on_gpu.snapshot_path(s))
+        for name in got:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ snapshots
@@ -376,6 +510,67 @@ def test_cli_subprocess(tmp_path):
             torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6)
     assert procs[1].returncode == 2 and "usage:" in bad_err and "sigma_rel must be in" in bad_err
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_outputs_record_the_post_hoc_facts(tmp_path, capsys):
+    """The metadata names the target, its gamma and time, the snapshots used and their coefficients, and
+    those coefficients applied to those snapshots give the file's tensors."""
+    import json
+
+    from safetensors import safe_open
+
+    model = small_model()
+    folder = tmp_path / "snaps"
+    phema = PostHocEMA(model, sigma_rels=(0.05, 0.10), snapshot_dir=folder, snapshot_dtype=torch.float32,
+                       time="samples")
+    seen = 0
+    for step in range(1, 13):
+        wiggle(model)
+        seen += int(torch.randint(1, 64, ()))
+        phema.update(samples=seen)
+        if step % 4 == 0:
+            phema.snapshot()
+    snaps = read_snapshots(folder)
+    target = sorted({s.t for s in snaps})[1]  # the second of three snapshot times: the third is left out
+    x = posthoc.solve_coefficients([(s.t, s.sigma_rel) for s in snaps], (target, 0.07))
+    out = tmp_path / "out"
+    assert cli.main(["phema", str(folder), "--sigma-rel", "0.07", "-o", str(out), "--at", str(target)]) == 0
+    capsys.readouterr()
+    path = out / f"ema-sigma0.07-t{target}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    key = "swm_fused.phema."
+    assert meta[key + "kind"] == "reconstruction" and meta[key + "time"] == "samples"
+    assert float(meta[key + "sigma_rel"]) == 0.07 and int(meta[key + "t"]) == target
+    assert float(meta[key + "gamma"]) == pytest.approx(sigma_rel_to_gamma(0.07), rel=1e-12)
+    assert meta[key + "fingerprint"] == phema.fingerprint
+    names, coefficients = json.loads(meta[key + "snapshots"]), json.loads(meta[key + "coefficients"])
+    used = [i for i in range(len(snaps)) if x[i] != 0]
+    assert names == [snaps[i].path.name for i in used] and len(names) == 4  # t = 4 and 8, two profiles each
+    assert coefficients == pytest.approx([x[i] for i in used], rel=1e-12, abs=1e-15)
+    assert math.fsum(coefficients) == pytest.approx(1.0, abs=1e-12)
+    assert meta["swm_fused.method"] == "linear"  # merge_files' own keys stay
+    got = load_state_dict(path)
+    for name, value in got.items():
+        expected = sum(c * load_state_dict(folder / n)[name].double() for n, c in zip(names, coefficients))
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_files_metadata_is_checked_before_writing(tmp_path):
+    from swm_fused.merge import merge_files
+
+    folder = snapshots_of(tmp_path, small_model(), steps=(5, 10))
+    inputs = sorted(folder.glob("phema-*.safetensors"))[:2]
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(ValueError, match="are the merge's own keys"):
+        merge_files(inputs, out, metadata={"swm_fused.method": "mine"})
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        merge_files(inputs, out, metadata={"note": 3})
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+    merge_files(inputs, out, metadata={"note": "kept"})
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["note"] == "kept" and f.metadata()["swm_fused.method"] == "linear"
 
 
 def test_reconstruction_on_a_real_trajectory(tmp_path, fresh_seed):

@@ -29,7 +29,7 @@ def merge_files(paths: Sequence[PathLike], out_path: PathLike,
                 weights: Optional[Union[Sequence[float], Tensor]] = None, *, dtype: DTypeLike = None,
                 device: Union[str, torch.device] = "cpu", normalize: Optional[bool] = None, method: str = "linear",
                 base: Optional[PathLike] = None, progress: Optional[bool] = None, seed: Optional[int] = None,
-                **params: Any) -> None:
+                metadata: Optional[Mapping[str, str]] = None, **params: Any) -> None:
     """Merge K checkpoints into one safetensors file or folder, streaming tensor by tensor.
 
     Args:
@@ -53,6 +53,9 @@ def merge_files(paths: Sequence[PathLike], out_path: PathLike,
         base: the base checkpoint, for the methods that use one.
         progress: show a tqdm bar on stderr; None shows it only when stderr is a terminal.
         seed: the seed of DARE's and DELLA's draws; random when None (and recorded).
+        metadata: more string metadata to record beside the merge's own (below), e.g. what the
+            weights were computed from (``swm-fused phema`` records the post-hoc EMA's target and
+            coefficients); a key the merge writes itself is refused (ValueError) before anything is written.
         params: the method's other parameters (``density``, ``gamma``, ``epsilon``, ``lambda_``,
             ``majority_sign``, ``rescale``, ``filter_wise``, ``t``), as in
             :func:`swm_fused.merge.merge_models`.
@@ -68,7 +71,7 @@ def merge_files(paths: Sequence[PathLike], out_path: PathLike,
     normalization, when they are the same for every tensor), ``swm_fused.base``,
     ``swm_fused.base_weight`` (task arithmetic: ``1 - sum`` of the applied weights),
     ``swm_fused.seed`` (random methods) and ``swm_fused.config`` (the merge as a mergekit-style
-    config, JSON; the config file's own text for :func:`merge_config`).
+    config, JSON; the config file's own text for :func:`merge_config`), and the keys of ``metadata``.
     """
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, Sequence) or len(paths) == 0:
         raise TypeError("paths must be a non-empty list of checkpoint paths")
@@ -78,7 +81,18 @@ def merge_files(paths: Sequence[PathLike], out_path: PathLike,
     plan = make_plan(method, len(paths), base is not None,
                      weights=None if weights is None else as_numbers("weights", weights),
                      general=general, per_model=per_model, seed=seed)
-    stream_merge(plan, base, list(paths), out_path, dtype=dtype, device=device, progress=progress)
+    stream_merge(plan, base, list(paths), out_path, dtype=dtype, device=device, progress=progress,
+                 metadata=metadata)
+
+
+def _check_metadata(metadata: Any) -> Dict[str, str]:
+    """Extra metadata: a mapping of str to str (safetensors metadata holds strings only)."""
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
+    return dict(metadata)
 
 
 def _jsonable(setting: Any) -> Any:
@@ -136,9 +150,11 @@ def _constant_weights(plan: Plan, params: Mapping[str, TensorParams]) -> Optiona
 
 def stream_merge(plan: Plan, base: Optional[PathLike], paths: Sequence[PathLike], out_path: PathLike, *,
                  dtype: DTypeLike = None, device: Union[str, torch.device] = "cpu", progress: Optional[bool] = None,
-                 config_text: Optional[str] = None, layer_ranges: Optional[Sequence[Optional[Tuple[int, int]]]] = None
-                 ) -> None:
-    """Validate the inputs and the output against a validated ``plan``, then merge them to disk, streamed."""
+                 config_text: Optional[str] = None, layer_ranges: Optional[Sequence[Optional[Tuple[int, int]]]] = None,
+                 metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Validate the inputs and the output against a validated ``plan``, then merge them to disk, streamed.
+    ``metadata`` is recorded beside the merge's own keys, none of which it may name."""
+    extra = {} if metadata is None else _check_metadata(metadata)
     out_dtype = parse_dtype(dtype)
     target = resolve_device(device)
     all_paths = ([base] if base is not None else []) + list(paths)
@@ -175,6 +191,10 @@ def stream_merge(plan: Plan, base: Optional[PathLike], paths: Sequence[PathLike]
             metadata["swm_fused.seed"] = str(plan.seed)
         metadata["swm_fused.config"] = config_text if config_text is not None else \
             json.dumps(effective_config(plan, base, paths, out_dtype))
+        clash = sorted(set(extra) & set(metadata))
+        if clash:
+            raise ValueError(f"metadata: {clash} are the merge's own keys; choose other names")
+        metadata.update(extra)
 
         from tqdm import tqdm
         total = sum(shard.nbytes for shard in shards)
