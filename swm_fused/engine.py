@@ -741,6 +741,7 @@ class AveragingEngine:
         """Bind the whole update of the one device group (``flat``: the sources are a flattened model's
         storages, pinned by reference count); None where it cannot be bound (DTensor or FSDP
         sources, offload staging, a backend other than the compiled one)."""
+        self._fast = None
         if not self._plain or self.source.fsdp or group.staging is not None or mode not in ("ema", "swa"):
             return None
         key = bound.bind_step(group.counts, swa=mode == "swa", skipped=self.skipped_tensor,
