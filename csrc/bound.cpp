@@ -5,19 +5,21 @@
 // tensor in C++) and torch picks the device's kernel.
 //
 // A bound step (bind_step_) goes further for the averaging engine's hot path: the counters, the
-// non-floating tensors kept as their latest value and the expected storage use counts of the
-// sources are bound too, and `swm_fused._C.bound_step(key, weight, check)` (a plain CPython
-// function, no torchbind or torch.ops argument conversion) runs a whole update in one call.
+// non-floating tensors kept as their latest value and (for a flattened model) the sources' storage
+// use counts at binding are bound too, and `swm_fused._C.bound_step(key, weight, check)` (a plain
+// CPython function: no torchbind method lookup, no torch.ops argument conversion) runs a whole
+// update in one call. On CPU it validates once and stages once for both the NaN check and the average
+// (csrc/cpu/step.h); on other devices it calls any_nonfinite and lerp_ through the dispatcher.
 #include <Python.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/reciprocal.h>
 #include <ATen/ops/where.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
-#include <ATen/record_function.h>
 
 #include <atomic>
 #include <mutex>
@@ -181,7 +183,10 @@ struct BoundLists : torch::CustomClassHolder {
     if (s.host_counters) {
       // CPU (the sources are on the counters' device, checked above): the validator of lerp_, which
       // covers every rule of any_nonfinite too, then the check and the average on operands staged
-      // once (csrc/cpu/step.h); nothing waits for a device, so the counters change in place.
+      // once (csrc/cpu/step.h); nothing waits for a device, so the counters change in place. (One pass
+      // that validates and stages position by position was measured slower with 20,000 tensors: the
+      // tight validation loop keeps more cache misses in flight, and staging then finds the tensors
+      // in cache.)
       validate::lerp_args(list(0), srcs, std::nullopt, std::nullopt);
       int64_t* counts = s.counts.data_ptr<int64_t>();
       const double w = s.swa ? 1.0 / (static_cast<double>(counts[0]) + 1.0) : weight;

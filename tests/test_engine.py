@@ -436,3 +436,33 @@ def test_warmup_schedule_is_cached_only_once_final():
     assert averager._decay(3) == warmup.decay_at(3, 0.9) < 0.9  # an earlier step is computed again
     averager.decay = 0.95  # a new target: computed again until the curve passes it
     assert averager._decay(59) == warmup.decay_at(59, 0.95)
+
+
+@pytest.mark.skipif("cpp" not in swm_fused.available_backends(), reason="needs the compiled cpp backend")
+def test_bound_step_raises_what_the_validator_raises_first():
+    """The CPU bound step validates and stages in one pass; a broken list raises exactly the error of lerp_'s
+    validator (its first, in its list-by-list order), and nothing is written."""
+    from swm_fused import _C
+
+    def lists():
+        return [torch.zeros(3), torch.zeros(2, 2), torch.zeros(4)], [torch.ones(3), torch.ones(2, 2), torch.ones(4)]
+    breaks = {
+        "src dtype": lambda a, s: s.__setitem__(1, torch.ones(2, 2, dtype=torch.int64)),
+        "src shape": lambda a, s: s.__setitem__(2, torch.ones(5)),
+        "src device": lambda a, s: s.__setitem__(1, torch.ones(2, 2, device="meta")),
+        "avg dtype": lambda a, s: a.__setitem__(1, torch.zeros(2, 2, dtype=torch.int32)),
+        "avg later, src earlier": lambda a, s: (a.__setitem__(2, torch.zeros(4, dtype=torch.int64)),
+                                                s.__setitem__(1, torch.ones(7))),
+    }
+    for what, brk in breaks.items():
+        avg, src = lists()
+        brk(avg, src)
+        with pytest.raises((ValueError, TypeError)) as plain:
+            swm_fused.ema_(avg, src, 0.5)
+        counts = torch.zeros(1, dtype=torch.int64)
+        bound = swm_fused.BoundLists(avg, src)
+        key = bound.bind_step(counts)
+        with pytest.raises(plain.type) as got:
+            _C.bound_step(key, 0.5, True)
+        assert f"ema_: {got.value}" == str(plain.value), what
+        assert counts.item() == 0 and all(not a.is_floating_point() or a.abs().sum() == 0 for a in avg), what
