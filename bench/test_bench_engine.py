@@ -2,12 +2,14 @@
 
 - ``drop-in``: ``AveragedModel.update_parameters``, swm_fused's against torch's, for EMA
   (``get_ema_multi_avg_fn``) and the default SWA, on models of 40, 2,000, 8,000 and 20,000 tensors.
-- ``host``: ``WeightAverager.update()`` (per-tensor lists, and a ``flatten_parameters`` model) against a
-  timm-style ``torch._foreach_lerp_`` over the same tensors, on models of tiny tensors (kernel time is
-  negligible, so this is host time).
+- ``host``: ``WeightAverager.update()`` (per-tensor lists, and a ``flatten_parameters`` model), its one
+  C++ call alone, and a timm-style ``torch._foreach_lerp_`` over the same shapes, at 40, 2,000, 8,000 and
+  20,000 tensors, one thread: ``tiny`` models (``Linear(2, 2)``: kernel time negligible, so this is host
+  time) and the issue's ``table`` widths (kernels included). Cases and providers: ``bench/host_time.py``,
+  which also runs them interleaved (``python bench/host_time.py``), the way to read a loaded machine.
 
 Every benchmark stores its median and the case's torch baseline in ``extra_info``; ``--bench-quick``
-keeps only the 40-tensor model (a smoke run; the numbers mean nothing).
+keeps only the 40-tensor models (a smoke run; the numbers mean nothing).
 """
 from __future__ import annotations
 
@@ -20,12 +22,12 @@ import torch
 from torch import nn
 from torch.optim import swa_utils as torch_swa
 
+import host_time
 import swm_fused
 from swm_fused import swa_utils as ours_swa
 
 # (tensors, Linear width): every Linear holds 2 tensors
 DROP_IN_MODELS = {40: 46, 2000: 23, 8000: 12, 20000: 7}
-HOST_MODELS = {40: 2, 2000: 2}
 MIN_ROUNDS, MAX_ROUNDS = 5, 200
 
 _medians: Dict[Tuple[str, int], Dict[str, float]] = defaultdict(dict)
@@ -83,26 +85,24 @@ def test_drop_in_update_parameters(benchmark, request, kind, tensors, provider):
          "torch", numel)
 
 
-HOST = [(t, p) for t in HOST_MODELS for p in ("foreach_lerp", "averager", "averager-flat")]
+HOST = [(w, t, p) for w in host_time.WIDTHS for t in host_time.TENSORS for p in host_time.PROVIDERS]
 
 
-@pytest.mark.parametrize(("tensors", "provider"), HOST, ids=[f"host-{t}-{p}" for t, p in HOST])
-def test_weight_averager_host_time(benchmark, request, tensors, provider):
-    if tensors not in _shapes(request, HOST_MODELS):
-        pytest.skip("--bench-quick runs the 40-tensor model only")
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(HOST_MODELS[tensors], HOST_MODELS[tensors]) for _ in range(tensors // 2)])
-    numel = sum(p.numel() for p in model.parameters())
-    if provider == "foreach_lerp":  # timm ModelEmaV3 with foreach: lerp the EMA's tensors toward the model's
-        ema = [p.detach().clone() for p in model.parameters()]
-        params = [p.detach() for p in model.parameters()]
+@pytest.fixture
+def one_thread():
+    """Host-time figures with one intra-op thread (the kernels of tiny tensors never split)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
-        @torch.no_grad()
-        def call():
-            torch._foreach_lerp_(ema, params, 1 - 0.999)
-    else:
-        if provider == "averager-flat":
-            swm_fused.flatten_parameters(model)
-        averager = swm_fused.WeightAverager(model, mode="ema", decay=0.999)
-        call = averager.update
-    _run(benchmark, request, "host", tensors, provider, call, "foreach_lerp", numel)
+
+@pytest.mark.parametrize(("width", "tensors", "provider"), HOST, ids=[f"host-{w}-{t}-{p}" for w, t, p in HOST])
+def test_weight_averager_host_time(benchmark, request, one_thread, width, tensors, provider):
+    if tensors not in _shapes(request, host_time.TABLE_WIDTH):
+        pytest.skip("--bench-quick runs the 40-tensor models only")
+    call, numel = host_time.make_call(provider, tensors, host_time.WIDTHS[width](tensors))
+    _run(benchmark, request, f"host-{width}", tensors, provider, call, "foreach_lerp", numel)
+    if benchmark.stats is not None:
+        benchmark.extra_info.update(width=width, threads=torch.get_num_threads(),
+                                    target_s=host_time.target_us(tensors, provider.endswith("flat")) * 1e-6)

@@ -5,10 +5,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace swm_fused {
+PyMethodDef* bound_python_methods();  // csrc/bound.cpp: bound_step
+}
+
 extern "C" {
-// An empty Python module: importing it runs the static registrations below.
+// The Python module: importing it runs the static registrations below. Its one function,
+// bound_step, is the averaging engine's hot path (csrc/bound.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          swm_fused::bound_python_methods()};
   return PyModule_Create(&module_def);
 }
 }

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -79,15 +79,20 @@ class EMAWarmup:
 
     def decay_at(self, step: int, decay: float) -> float:
         """The decay for update number ``step`` (1-based) when the target decay is ``decay``."""
+        return self.schedule(step, decay)[0]
+
+    def schedule(self, step: int, decay: float) -> Tuple[float, bool]:
+        """``(decay_at(step, decay), final)``: ``final`` when every later step gives the same decay (the
+        warmup curve, which only grows, is past ``decay`` by more than pow's rounding can undo)."""
         # timm/utils/model_ema.py, ModelEmaV3.get_decay(step) with use_warmup=True:
         #   step = max(0, step - self.update_after_step - 1); if step <= 0: return 0.0
         #   decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
         #   decay = max(min(decay, self.decay), self.min_decay)
         k = max(0, step - self.update_after_step - 1)
         if k <= 0:
-            return 0.0
+            return 0.0, False
         warm = 1 - (1 + k / self.warmup_gamma) ** -self.warmup_power
-        return max(min(warm, decay), self.min_decay)
+        return max(min(warm, decay), self.min_decay), warm - decay > 1e-12
 
 
 class WeightAverager:
@@ -160,6 +165,7 @@ class WeightAverager:
         self.engine = AveragingEngine(model, dtype=dtype, device=device, include_buffers=include_buffers,
                                       skip_nonfinite=skip_nonfinite, what="WeightAverager")
         self._step = 0
+        self._warm_done: Optional[Tuple[int, EMAWarmup, float, float]] = None  # see _decay
 
     @property
     def skip_nonfinite(self) -> bool:
@@ -171,25 +177,43 @@ class WeightAverager:
         self.engine.skip_nonfinite = bool(value)
 
     # ----------------------------------------------------------------- updating
-    @torch.no_grad()
     def update(self) -> bool:
         """Count one step and, when ``start``/``every`` say so, average the current weights in.
 
         One fused ``ema_``/``swa_`` call per device. Returns whether this step was an
         averaging step (a non-finite step still returns True; see :attr:`skipped`).
+
+        Host cost: on one device, once the first update has bound the step in C++, an update is
+        the schedule, O(1) staleness checks and one C call (``AveragingEngine.fast_update``).
         """
-        if self.engine.is_swapped:
+        engine = self.engine
+        if engine._stash is not None:
             raise RuntimeError("WeightAverager.update: the average is swapped into the model; "
                                "leave swapped() first")
-        self._step += 1
-        if self._step <= self.start or (self._step - self.start) % self.every:
+        step = self._step = self._step + 1
+        if step <= self.start or (step - self.start) % self.every:
             return False
-        if self.mode == "ema":
-            decay = 0.0 if self.engine.attempts[0] == 0 else self.decay_at(self._step)
-            self.engine.update("ema", decay=decay)
-        else:
-            self.engine.update("swa")
+        mode = self.mode
+        if mode == "ema":
+            decay = 0.0 if engine.attempts[0] == 0 else self._decay(step)
+            if not engine.fast_update("ema", decay):
+                engine.update("ema", decay=decay)
+        elif not engine.fast_update(mode):
+            engine.update(mode)
         return True
+
+    def _decay(self, step: int) -> float:
+        """``decay_at(step)``, without the warmup formula once it has reached its final value."""
+        warmup = self.warmup
+        if warmup is None:
+            return self.decay
+        done = self._warm_done
+        if done is not None and step >= done[0] and done[1] is warmup and done[2] == self.decay:
+            return done[3]
+        value, final = warmup.schedule(step, self.decay)
+        if final:  # every later step gives this value
+            self._warm_done = (step, warmup, self.decay, value)
+        return value
 
     def decay_at(self, step: int) -> float:
         """The EMA decay of an update at step number ``step`` (1-based), the first update's copy aside."""

@@ -30,6 +30,24 @@ ENV_VAR = "SWM_FUSED_BACKEND"
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("swm_fused_backend", default=None)
 _probe_cache: Dict[str, Tuple[Optional["Backend"], str]] = {}
 _tuned_cuda: Dict[int, str] = {}  # device index -> backend name, set by tune()
+TUNE_GENERATION = [0]  # bumped by tune(): choices cached elsewhere (the engine's bound step) are re-made
+
+# os.environ.get of a missing key raises and catches a KeyError inside (microseconds); CPython's
+# os.environ keeps its encoded items in a plain dict, read directly while os.environ is that object.
+_ENVIRON = os.environ
+_ENV_DATA: Optional[dict] = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
+except AttributeError:
+    _ENV_DATA = None
+
+
+def environment_backend() -> Optional[str]:
+    """The value of ``SWM_FUSED_BACKEND`` (None when unset or empty), read without raising inside."""
+    if _ENV_DATA is not None and os.environ is _ENVIRON:
+        if _ENV_DATA.get(_ENV_KEY) is None:
+            return None
+    return os.environ.get(ENV_VAR) or None
 
 
 @dataclass(frozen=True)
@@ -125,7 +143,7 @@ def forced_backend() -> Optional[str]:
     """
     name = None if torch.compiler.is_compiling() else _forced.get()
     if name is None:
-        name = os.environ.get(ENV_VAR) or None
+        name = environment_backend()
     return name
 
 
@@ -190,4 +208,5 @@ def tune(device: Optional[torch.device] = None, *, numel: int = 1 << 24, repeats
         times[name] = sorted(samples[2:])[len(samples[2:]) // 2]
     if times:
         _tuned_cuda[device.index] = min(times, key=times.__getitem__)
+        TUNE_GENERATION[0] += 1
     return times

@@ -22,18 +22,27 @@ parameter, buffer or submodule assignment (``module.weight = ...``,
 catch whole-model replacements that bypass ``__setattr__`` (FSDP2's ``fully_shard``
 after the averager was built, ``model.to`` with ``torch.__future__`` overwrite mode).
 An update checks one integer and two dict lookups, never walks the tensors.
+
+The hot path: a whole update of a one-device engine is bound once in C++
+(:meth:`BoundLists.bind_step`: the lists, the counters, the tensors kept as their latest
+value), and while nothing that binding depends on changed (the checks above, the backend
+choice, a flattened model's storages: checked in C++ by their reference counts) an update
+is those O(1) checks and one plain C call, ``swm_fused._C.bound_step``. Anything else takes
+the full path, which checks everything and binds again.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+import os
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import dispatch as _dispatch
 from .distributed import fsdp_modules, local_shard, reshard_fsdp
 from .flat import FlatBuffer
-from .ops import BoundLists, any_nonfinite, ema_, ema_multi_, swa_, swag_
+from .ops import BoundLists, _check_decay, any_nonfinite, ema_, ema_multi_, swa_, swag_
 
 __all__ = ["AveragingEngine", "FlatParameters", "ModuleTensors", "StaleModelError", "flatten_parameters",
            "structure_epoch"]
@@ -239,6 +248,24 @@ class _FixedTensors:
         return self._tensors
 
 
+class _BoundStep:
+    """A whole update bound in C++ (BoundLists.bind_step) and what it was bound under."""
+
+    __slots__ = ("call", "key", "bound", "mode", "epoch", "version", "sentinels", "tune_generation")
+
+    def __init__(self, call: Callable[[int, float, bool], int], key: int, bound: BoundLists, mode: str,
+                 epoch: Optional[int], version: int, sentinels: Tuple[Tuple[Dict[str, Any], str, Tensor], ...],
+                 tune_generation: int):
+        self.call = call  # swm_fused._C.bound_step
+        self.key = key
+        self.bound = bound  # keeps the C++ binding alive
+        self.mode = mode
+        self.epoch = epoch  # the structure epoch bound under (None: fixed tensors, nothing to re-pair)
+        self.version = version
+        self.sentinels = sentinels
+        self.tune_generation = tune_generation
+
+
 def _average_dtype(dtype: Optional[torch.dtype], tensor: Tensor) -> torch.dtype:
     if dtype is not None:
         return dtype
@@ -366,6 +393,7 @@ class AveragingEngine:
         self._cached_lists: Optional[List[List[Tensor]]] = None
         self._bound_cache: Dict[Tuple[int, int], Tuple[Any, Any, BoundLists]] = {}
         self._cache_version = -1
+        self._fast: Optional[_BoundStep] = None  # the whole update bound in C++ (_update_all binds it)
 
     def _match_flat(self, model: Any) -> Optional[FlatParameters]:
         """The model's FlatParameters when this engine's one group reads exactly its views in order."""
@@ -482,7 +510,6 @@ class AveragingEngine:
                                   "the averager was built; build a new one after moving the model")
 
     # ----------------------------------------------------------------------- updating
-    @torch.no_grad()
     def update(self, mode: str, *, decay: Union[float, Sequence[float]] = 0.0,
                segments: Optional[Sequence[int]] = None, source: Optional[FlatBuffer] = None) -> None:
         """Average the current tensors in: ``mode="ema"`` with ``decay`` (one per segment, or one for all),
@@ -497,6 +524,67 @@ class AveragingEngine:
         device and per set of segments sharing a weight; NaN/Inf in any updated tensor skips
         the whole update (no host sync).
         """
+        if segments is None and source is None and self._fast is not None and self.fast_update(mode, decay):
+            return
+        self._update(mode, decay, segments, source)
+
+    def fast_update(self, mode: str, decay: Any = 0.0) -> bool:
+        """``update(mode, decay=decay)`` of every segment through the step bound in C++, when nothing it
+        was bound under changed; False (nothing done) when the full :meth:`update` is needed.
+
+        The checks, all O(1): not swapped; the same mode; ``decay`` a float in [0, 1] (EMA); no backend
+        forced and no ``tune()`` since binding; the model's structure epoch, sentinels and pairing
+        version as bound; then, in C++, the sources on the average's device and a flattened model's
+        storages holding exactly the references they held at binding (FlatParameters.intact).
+        """
+        fast = self._fast
+        if fast is None or mode != fast.mode or self._stash is not None or _dispatch._forced.get() is not None \
+                or fast.tune_generation != _dispatch.TUNE_GENERATION[0] or self.source.version != fast.version \
+                or (fast.epoch is not None and fast.epoch != _EPOCH[0]):
+            return False
+        # SWM_FUSED_BACKEND unset (dispatch.environment_backend() inline: os.environ's own dict, see there)
+        if _dispatch._ENV_DATA is None or os.environ is not _dispatch._ENVIRON \
+                or _dispatch._ENV_DATA.get(_dispatch._ENV_KEY) is not None:
+            return False
+        for table, key, tensor in fast.sentinels:
+            if table.get(key) is not tensor:
+                return False
+        if mode == "ema":
+            if decay.__class__ is not float or not 0.0 <= decay <= 1.0:
+                return False
+            weight = 1.0 - decay
+        else:
+            weight = 0.0
+        if self._run_bound(fast, weight):
+            return False
+        self._count_update()
+        return True
+
+    def _run_bound(self, fast: "_BoundStep", weight: float) -> int:
+        """Run the bound step: 0 done; 1 nothing done (stale sources: the binding is dropped)."""
+        try:
+            status = fast.call(fast.key, weight, self.skip_nonfinite)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"step_: {exc}") from None
+        if status:
+            self._fast = None
+        return status
+
+    def _count_update(self) -> None:
+        """Host counters of an update of every segment."""
+        token = self._next_token
+        self._next_token = token + 1
+        if self.n_segments == 1:
+            self.attempts[0] += 1
+            self._tokens[0] = token
+            return
+        for s in range(self.n_segments):
+            self.attempts[s] += 1
+        self._tokens = [token] * self.n_segments
+
+    @torch.no_grad()
+    def _update(self, mode: str, decay: Union[float, Sequence[float]], segments: Optional[Sequence[int]],
+                source: Optional[FlatBuffer]) -> None:
         if self._stash is not None:
             raise RuntimeError(f"{self.what}: the average is swapped into the model; swap it back first")
         if mode not in ("ema", "swa", "swag"):
@@ -596,6 +684,7 @@ class AveragingEngine:
                 group.counts.index_add_(0, idx, torch.ones(len(segs), dtype=torch.int64, device=group.device) * inc)
         if flag is not None:
             self.skipped_tensor += (flag != 0).to(self.skipped_tensor.device)
+        self._fast = None  # segments' histories may diverge; a whole update binds again
         for s in segs:
             self.attempts[s] += 1
         if mode == "swa" or True:  # histories diverge when a subset is updated
@@ -639,12 +728,20 @@ class AveragingEngine:
         return cached[2]
 
     def _update_all(self, mode: str, decay: float) -> None:
-        """Every segment, one weight: one fused call and one NaN/Inf check per device group (on one
-        device, the check, the average and the counters are one call into C++: BoundLists.step_)."""
+        """Every segment, one weight: one fused call and one NaN/Inf check per device group. On one
+        device the check, the average and the counters are one call into C++, bound here
+        (:meth:`_bind_fast`) for :meth:`fast_update`; other backends run BoundLists.step_."""
+        if mode == "ema":
+            decay = _check_decay("step_", decay)
         tensors = self._current()
-        bound = [self._bound(avg, src) for avg, src in self._group_sources(tensors)]
+        sources = self._group_sources(tensors)
+        bound = [self._bound(avg, src) for avg, src in sources]
         if len(bound) == 1:
             group = self._groups[0]
+            fast = self._bind_fast(mode, bound[0], sources[0][0] is group.avg.storages, group, tensors)
+            if fast is not None and not self._run_bound(fast, 1.0 - decay if mode == "ema" else 0.0):
+                self._count_update()
+                return
             flag = bound[0].step_(group.counts, decay=decay if mode == "ema" else None,
                                   skip_nonfinite=self.skip_nonfinite)
             self._copy_latest(group, tensors, flag)
@@ -657,6 +754,27 @@ class AveragingEngine:
         token = self._next_token
         self._next_token += 1
         self._tokens = [token] * self.n_segments
+
+    def _bind_fast(self, mode: str, bound: BoundLists, flat: bool, group: _Group,
+                   tensors: Sequence[Tensor]) -> Optional["_BoundStep"]:
+        """Bind the whole update of the one device group (``flat``: the sources are a flattened model's
+        storages, pinned by reference count); None where it cannot be bound (DTensor or FSDP
+        sources, offload staging, a backend other than the compiled one)."""
+        self._fast = None
+        if not self._plain or self.source.fsdp or group.staging is not None or mode not in ("ema", "swa"):
+            return None
+        key = bound.bind_step(group.counts, swa=mode == "swa", skipped=self.skipped_tensor,
+                              latest=group.latest.views if group.copied else (),
+                              live=self._local(tensors, group.copied), pin_sources=flat)
+        if key is None:
+            return None
+        from . import _C
+        watch = isinstance(self.source, ModuleTensors)
+        fast = _BoundStep(_C.bound_step, key, bound, mode, _EPOCH[0] if watch else None, self.source.version,
+                          tuple(self.source._sentinels) if watch else (), _dispatch.TUNE_GENERATION[0])
+        # kept for fast_update only when the backend was chosen automatically (fast_update checks that)
+        self._fast = fast if _dispatch.forced_backend() is None else None
+        return fast
 
     def _copy_latest(self, group: _Group, tensors: Sequence[Tensor], flag: Optional[Tensor]) -> None:
         """Keep the latest value of the group's non-floating tensors (unless the step was flagged)."""
@@ -911,6 +1029,7 @@ class AveragingEngine:
         for group in self._groups:
             group.counts.copy_(values)
         self.attempts = [int(a) for a in attempts]
+        self._fast = None
         host = values.tolist()  # loading is not a hot path: one read groups equal counts
         tokens: Dict[Tuple[int, int], int] = {}
         for s in range(self.n_segments):

@@ -456,6 +456,31 @@ class BoundLists:
             return flag
         return self._call("step_multi_", handle, "step_multi_", weights, skip_nonfinite, counts, skipped)
 
+    def bind_step(self, counts: Tensor, *, swa: bool = False, skipped: Optional[Tensor] = None,
+                  latest: Sequence[Tensor] = (), live: Sequence[Tensor] = (),
+                  pin_sources: bool = False) -> Optional[int]:
+        """Binds a whole :meth:`step_` once, counters included, for ``swm_fused._C.bound_step(key, weight, check)``.
+
+        ``bound_step(key, 1 - decay, check)`` (with ``swa``: ``1 / (counts[0] + 1)``, the weight argument
+        is ignored) does in one plain C call what ``step_(counts, decay=..., skip_nonfinite=check)``
+        does, plus ``skipped += flag`` (``skipped``: a one-element int64 tensor on the counts' device)
+        and ``latest[i] <- live[i]`` unless flagged (tensors kept as their latest value, e.g. integer
+        buffers). It returns 0, or 1 without touching anything when the sources are not on the
+        counts' device or, with ``pin_sources``, when a source storage gained or lost a reference
+        since this binding (a flattened model's parameters moved out): check and bind again.
+        Errors are those of :meth:`step_`, unprefixed. Binding again replaces the binding (same key).
+
+        Returns the key, or None when the compiled backend does not run these lists now (empty lists,
+        or another backend chosen): use :meth:`step_` then. The key is valid while this object lives;
+        the backend is chosen here, so a caller that binds once must re-bind when the choice changes.
+        """
+        self._need("bind_step", 2)
+        handle = self._compiled((0, 1)) if len(self) else None
+        if handle is None:
+            return None
+        return self._call("bind_step", handle, "bind_step_", counts, skipped, bool(swa), list(latest), list(live),
+                          bool(pin_sources))
+
     def any_nonfinite(self, index: int = -1) -> Tensor:
         """:func:`any_nonfinite` of bound list ``index`` (default: the last, the source)."""
         index = range(len(self._lists))[index]

@@ -130,25 +130,35 @@ def test_average_matches_float64_oracle(mode, start, every):
 
 
 def test_one_fused_call_per_update(monkeypatch):
-    """One call per update on lists bound once (swm_fused.BoundLists.step_: NaN check, average, counters)."""
+    """One call into C++ per update, on lists bound once (swm_fused._C.bound_step: NaN check, average,
+    counters), with no op of the ops layer in between; the first update binds the step."""
+    from swm_fused import _C
     model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(30)])
     calls = []
 
-    def counting(op: str):
-        real = getattr(swm_fused.BoundLists, op)
+    def counting(owner, op: str):
+        real = getattr(owner, op)
 
-        def wrapper(self, *args, **kwargs):
+        def wrapper(*args, **kwargs):
             calls.append(op)
-            return real(self, *args, **kwargs)
+            return real(*args, **kwargs)
         return wrapper
 
-    for op in ("ema_", "swa_", "any_nonfinite", "step_"):
-        monkeypatch.setattr(swm_fused.BoundLists, op, counting(op))
+    for op in ("ema_", "swa_", "any_nonfinite", "step_", "bind_step"):
+        monkeypatch.setattr(swm_fused.BoundLists, op, counting(swm_fused.BoundLists, op))
+    for op in ("ema_", "swa_", "any_nonfinite"):  # the plain ops, as the engine calls them
+        monkeypatch.setattr(swm_fused.engine, op, counting(swm_fused.engine, op))
+    monkeypatch.setattr(_C, "bound_step", counting(_C, "bound_step"))
     for mode in ("ema", "swa"):
         avg = WeightAverager(model, mode=mode)
         calls.clear()
         avg.update()
-        assert calls == ["step_"], calls
+        assert calls == ["bind_step", "bound_step"], calls
+        for _ in range(3):
+            calls.clear()
+            avg.update()
+            assert calls == ["bound_step"], calls
+        assert avg.n_averaged == 4 and avg.engine.attempts == [4]
 
 
 def test_dtype_none_keeps_float64_and_promotes_low_precision():

@@ -94,16 +94,23 @@ def test_averager_of_a_flat_model_is_one_kernel_over_one_vector(monkeypatch):
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(40)])
     flatten_parameters(model)
     averager = WeightAverager(model, mode="ema", decay=0.5)
+    from swm_fused import _C
     calls = []
-    real = swm_fused.BoundLists.step_
+    bound = []
+    real_bind, real_step = swm_fused.BoundLists.bind_step, _C.bound_step
 
-    def spy(self, *args, **kwargs):  # the lists the update's one op call runs over
-        calls.append(tuple(len(x) for x in self._lists))
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(swm_fused.BoundLists, "step_", spy)
+    def bind_spy(self, *args, **kwargs):  # the lists the update's one C call runs over
+        bound.append(tuple(len(x) for x in self._lists))
+        return real_bind(self, *args, **kwargs)
+
+    def step_spy(*args):
+        calls.append(args[0])
+        return real_step(*args)
+    monkeypatch.setattr(swm_fused.BoundLists, "bind_step", bind_spy)
+    monkeypatch.setattr(_C, "bound_step", step_spy)
     averager.update()
     averager.update()
-    assert calls == [(1, 1), (1, 1)]
+    assert bound == [(1, 1)] and len(calls) == 2
 
 
 def test_model_to_leaves_the_flat_layout_and_averaging_stays_correct():

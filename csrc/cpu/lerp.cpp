@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cpu/multi_tensor.h"
+#include "cpu/step.h"
 
 namespace swm_fused::cpu {
 namespace {
@@ -64,6 +65,23 @@ void lerp_multi_cpu(at::TensorList avg, at::TensorList src, at::ArrayRef<double>
 }
 
 }  // namespace
+
+// csrc/cpu/step.h. The operands are staged once for the check and the average.
+bool lerp_step(at::TensorList avg, at::TensorList src, double weight, bool check) {
+  Staging staging;
+  const std::vector<Operand> avgs = stage_list(staging, avg, true);
+  const std::vector<Operand> srcs = stage_list(staging, src, false);
+  if (check && any_nonfinite_in(srcs)) return true;
+  parallel_over_tensors(avgs, 1, [&](size_t i, int64_t lo, int64_t hi) {
+    if (avgs[i].dtype == at::kDouble) {
+      lerp_range<double>(avgs[i], srcs[i], lo, hi, weight);
+    } else {
+      lerp_range<float>(avgs[i], srcs[i], lo, hi, weight);
+    }
+  });
+  staging.write_back();
+  return false;
+}
 
 TORCH_LIBRARY_IMPL(swm_fused, CPU, m) {
   m.impl("lerp_", &lerp_cpu);
