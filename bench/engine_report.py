@@ -15,20 +15,24 @@ def main(path: str) -> None:
     machine = data["machine_info"]
     rows = defaultdict(dict)
     numel = {}
+    threads = defaultdict(set)  # host cases run with their own thread count (bench/test_bench_engine.py)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         rows[(info["group"], info["tensors"])][info["provider"]] = info["median_s"]
         numel[(info["group"], info["tensors"])] = info["numel"]
+        if "threads" in info:
+            threads[info["group"]].add(info["threads"])
     print(f"# Averaging front-ends: host overhead ({data['datetime'][:10]})\n")
     print(f"- machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} "
-          f"logical CPUs; torch {machine.get('torch')}, {machine.get('torch_threads')} threads; "
+          f"logical CPUs; torch {machine.get('torch')}, {machine.get('torch_threads')} threads at start; "
           f"swm_fused {machine.get('swm_fused')} ({', '.join(machine.get('swm_fused_backends', []))})")
     if machine.get("bench_quick"):
         print("- **--bench-quick run: the numbers mean nothing**")
     print("- medians of pytest-benchmark rounds, all cases in one run\n")
-    print("## Drop-in `AveragedModel.update_parameters`\n")
-    print("| update | tensors | params | torch | swm_fused | speed-up |")
-    print("|---|---:|---:|---:|---:|---:|")
+    if any(group.startswith("dropin") for group, _ in rows):
+        print("## Drop-in `AveragedModel.update_parameters`\n")
+        print("| update | tensors | params | torch | swm_fused | speed-up |")
+        print("|---|---:|---:|---:|---:|---:|")
     for (group, tensors), medians in sorted(rows.items()):
         if not group.startswith("dropin"):
             continue
@@ -42,7 +46,8 @@ def main(path: str) -> None:
         cases = sorted((t, m) for (g, t), m in rows.items() if g == group)
         if not cases:
             continue
-        print(f"\n## `WeightAverager.update()` ({title}), one thread\n")
+        count = ", ".join(str(t) for t in sorted(threads[group])) or "?"
+        print(f"\n## `WeightAverager.update()` ({title}), {count} thread(s)\n")
         print("| tensors | params | timm-style `_foreach_lerp_` | `update()` lists | its C++ call | "
               "`update()` flattened | its C++ call | target lists / flattened |")
         print("|---:|---:|---:|---:|---:|---:|---:|---|")
