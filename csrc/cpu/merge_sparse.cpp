@@ -3,7 +3,11 @@
 // dare_drop_ drops entries where u >= p and rescales the rest. Contracts: docs/design.md.
 #include <torch/library.h>
 
+#include <bit>
+#include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/multi_tensor.h"
 
@@ -29,8 +33,24 @@ struct TiesParams {
   const std::vector<double>* weights;
 };
 
-// x_k = w_k * d_k for the entries inside model k's band [lo, hi) (hi = +inf: no upper bound), else 0; |d| is
-// compared with the float64 bounds exactly. `bands` is nullptr when nothing is trimmed.
+// The smallest C value >= x: for C values m, m >= x exactly when m >= at_least<C>(x), and m < x exactly when
+// m < at_least<C>(x), so float32 task vectors compare with float64 bounds exactly, in float32.
+template <typename C>
+C at_least(double x) {
+  const C c = static_cast<C>(x);
+  return static_cast<double>(c) < x ? std::nextafter(c, std::numeric_limits<C>::infinity()) : c;
+}
+
+// `keep ? value : 0` through the bits: under -ftrapping-math (the default) GCC vectorises no floating-point
+// select that follows a comparison, but it does vectorise this.
+template <typename C>
+inline C kept_or_zero(bool keep, C value) {
+  using Bits = std::conditional_t<sizeof(C) == 4, uint32_t, uint64_t>;
+  return std::bit_cast<C>(std::bit_cast<Bits>(value) & (Bits(0) - Bits(keep)));
+}
+
+// x_k = w_k * d_k for the entries inside model k's band [lo, hi) (hi = +inf: no upper bound), else 0.
+// `band` is nullptr when nothing is trimmed.
 template <typename C>
 void task_terms(C* __restrict x, const C* __restrict in, const C* __restrict b, int64_t n, C w, const double* band) {
   if (b != nullptr) {
@@ -42,11 +62,17 @@ void task_terms(C* __restrict x, const C* __restrict in, const C* __restrict b, 
     for (int64_t j = 0; j < n; ++j) x[j] = w * x[j];
     return;
   }
-  const double lo = band[0], hi = band[1];
-  const bool open = hi == std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    const double m = static_cast<double>(std::abs(x[j]));
-    x[j] = (m >= lo && (open || m < hi)) ? w * x[j] : C(0);
+  const C lo = at_least<C>(band[0]);
+  if (band[1] == std::numeric_limits<double>::infinity()) {
+    for (int64_t j = 0; j < n; ++j) {
+      x[j] = kept_or_zero(std::abs(x[j]) >= lo, w * x[j]);
+    }
+  } else {
+    const C hi = at_least<C>(band[1]);
+    for (int64_t j = 0; j < n; ++j) {
+      const C m = std::abs(x[j]);
+      x[j] = kept_or_zero((m >= lo) & (m < hi), w * x[j]);
+    }
   }
 }
 
@@ -58,36 +84,48 @@ void ties_range(const Operand& out, const Operand* base, const Operand* inputs, 
   const size_t k_total = p.weights->size();
   const int64_t block = std::clamp<int64_t>(kTiesBlockBytes / static_cast<int64_t>(sizeof(C) * k_total), 16, kBlock);
   std::vector<C> x(k_total * block);  // every model's terms of the block: the second sweep reads them again
-  alignas(64) C base_buf[kBlock], in_buf[kBlock], vote[kBlock], m[kBlock], d[kBlock];
+  alignas(64) C base_buf[kBlock], in_buf[kBlock], sign[kBlock], m[kBlock], d[kBlock];
   const C scale = static_cast<C>(p.scale);
   for (int64_t b0 = lo; b0 < hi; b0 += block) {
     const int64_t n = std::min(block, hi - b0);
     const C* b = base != nullptr ? as_compute<C>(*base, b0, n, base_buf) : nullptr;
-    std::fill(vote, vote + n, C(0));
+    std::fill(sign, sign + n, C(0));  // the election's sum, then the elected sign
     for (size_t k = 0; k < k_total; ++k) {
       C* xk = &x[k * block];
       task_terms<C>(xk, as_compute<C>(inputs[k * stride], b0, n, in_buf), p.subtract_base ? b : nullptr, n,
                     static_cast<C>((*p.weights)[k]), bands != nullptr ? bands + 2 * k : nullptr);
       if (p.election == Election::Sum) {
-        for (int64_t j = 0; j < n; ++j) vote[j] = vote[j] + xk[j];
+        for (int64_t j = 0; j < n; ++j) sign[j] = sign[j] + xk[j];
       } else if (p.election == Election::Count) {  // sign(0) = sign(NaN) = 0
-        for (int64_t j = 0; j < n; ++j) vote[j] = vote[j] + (C(xk[j] > 0) - C(xk[j] < 0));
+        for (int64_t j = 0; j < n; ++j) sign[j] = sign[j] + (C(xk[j] > 0) - C(xk[j] < 0));
       }
     }
+    for (int64_t j = 0; j < n; ++j) sign[j] = C(2) * C(sign[j] >= 0) - C(1);  // +1 where E >= 0, else -1
     std::fill(m, m + n, C(0));
     std::fill(d, d + n, C(0));
     for (size_t k = 0; k < k_total; ++k) {
       const C* xk = &x[k * block];
       const C w = static_cast<C>((*p.weights)[k]);
-      for (int64_t j = 0; j < n; ++j) {
-        const bool kept = p.election == Election::None || (vote[j] >= 0 ? xk[j] > 0 : xk[j] < 0);
-        m[j] = m[j] + (kept ? xk[j] : C(0));
-        d[j] = d[j] + (kept ? w : C(0));
+      if (p.election == Election::None) {
+        for (int64_t j = 0; j < n; ++j) {
+          m[j] = m[j] + xk[j];
+          d[j] = d[j] + w;
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {  // kept: x has the elected sign (x * (+-1) is exact; NaN and 0 fail)
+          const bool kept = xk[j] * sign[j] > 0;
+          m[j] = m[j] + kept_or_zero(kept, xk[j]);
+          d[j] = d[j] + kept_or_zero(kept, w);
+        }
       }
     }
-    for (int64_t j = 0; j < n; ++j) {
-      const C mixed = p.normalize ? m[j] / (d[j] == 0 ? C(1) : d[j]) : m[j];
-      m[j] = b != nullptr ? b[j] + scale * mixed : scale * mixed;
+    if (p.normalize) {
+      for (int64_t j = 0; j < n; ++j) m[j] = m[j] / (d[j] + C(d[j] == 0));  // D = 0 read as 1
+    }
+    if (b != nullptr) {
+      for (int64_t j = 0; j < n; ++j) m[j] = b[j] + scale * m[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) m[j] = scale * m[j];
     }
     store_any<C>(out, b0, n, m);
   }
@@ -136,11 +174,15 @@ void drop_range(const Operand& delta, const Operand& u, const Operand* keep_prob
     const int64_t n = std::min(kBlock, hi - b0);
     const double* d = as_compute<double>(delta, b0, n, d_buf);
     const double* uu = as_compute<double>(u, b0, n, u_buf);
-    if (keep_prob != nullptr) {
-      const double* pp = as_compute<double>(*keep_prob, b0, n, p_buf);
-      for (int64_t j = 0; j < n; ++j) out[j] = uu[j] < pp[j] ? (rescale ? d[j] / pp[j] : d[j]) : 0.0;
+    const double* pp = keep_prob != nullptr ? as_compute<double>(*keep_prob, b0, n, p_buf) : nullptr;
+    if (pp == nullptr) {
+      std::fill(p_buf, p_buf + n, p);
+      pp = p_buf;
+    }
+    if (rescale) {
+      for (int64_t j = 0; j < n; ++j) out[j] = kept_or_zero(uu[j] < pp[j], d[j] / pp[j]);
     } else {
-      for (int64_t j = 0; j < n; ++j) out[j] = uu[j] < p ? (rescale ? d[j] / p : d[j]) : 0.0;
+      for (int64_t j = 0; j < n; ++j) out[j] = kept_or_zero(uu[j] < pp[j], d[j]);
     }
     store_any<double>(delta, b0, n, out);
   }
