@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -141,40 +141,58 @@ def _prepare(method: str, provider: str, base, models) -> Callable[[], Dict[str,
     return lambda: {key: torch_merge(method, t, [m[key] for m in ends], key, params) for key, t in base.items()}
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize(("method", "dtype_name"), CASES, ids=[f"{m}-{d}" for m, d in CASES])
-def test_merge_method(benchmark, request, copy_gbps, method, dtype_name, provider):
+def _time(benchmark, request, case: str, provider: str, run: Callable, check: Callable = lambda result: None
+          ) -> Optional[float]:
+    """Warm up (which sizes the rounds) and ``check`` the warm-up's result, then time ``run``: the median
+    seconds, also kept for the case's other providers; None when nothing was timed."""
     quick = request.config.getoption("--bench-quick")
     budget = request.config.getoption("--bench-budget")
-    base, models, count = _data(dtype_name, quick)
-    run = _prepare(method, provider, base, models)
-    case = f"{method}{K if method != 'slerp' else 2}-gpt2-{dtype_name}"
     benchmark.group = case
     start = time.perf_counter()
-    result = run()  # warm-up; also sizes the number of rounds
+    check(run())
     first = time.perf_counter() - start
-    if method in DETERMINISTIC and provider == "swm":  # the two providers compute the same thing
-        reference = _prepare(method, "torch:stack", base, models)()
-        for key, tensor in result.items():
-            tol = 2e-2 if dtype_name == "bf16" else 1e-4
-            torch.testing.assert_close(tensor.float(), reference[key].float(), rtol=tol, atol=tol)
-    del result
     rounds = MIN_ROUNDS if quick else min(MAX_ROUNDS, max(MIN_ROUNDS, int(budget / max(first, 1e-9))))
     benchmark.pedantic(run, rounds=rounds, iterations=1)
     if benchmark.stats is None:
-        return
-    median = benchmark.stats.stats.median
-    _medians.setdefault(case, {})[provider] = median
-    inputs = 2 if method == "slerp" else K + 1
-    nbytes = count * (inputs + 1) * DTYPES[dtype_name].itemsize
-    baseline = _medians[case].get("torch:stack") if provider == "swm" else None
+        return None
+    _medians.setdefault(case, {})[provider] = benchmark.stats.stats.median
+    return benchmark.stats.stats.median
+
+
+def _record(benchmark, request, copy_gbps: float, case: str, provider: str, baseline: str, median: float,
+            nbytes: int, **info) -> None:
+    """GB/s of the credited bytes, and the speed-up over ``baseline`` measured in this run, in extra_info."""
+    base_median = _medians[case].get(baseline) if provider != baseline else None
     gbps = nbytes / median / 1e9
     benchmark.extra_info.update(
-        case=case, provider=provider, op=method, workload="gpt2", model_dtype=dtype_name, average_dtype=dtype_name,
-        k=inputs - (method != "slerp"), numel=count, bytes=nbytes, bytes_per_element=(inputs + 1) *
-        DTYPES[dtype_name].itemsize, median_s=median, gbps=gbps, baseline="torch:stack" if baseline else None,
-        speedup=baseline / median if baseline else None, copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps,
-        quick=quick)
+        case=case, provider=provider, workload="gpt2", bytes=nbytes, median_s=median, gbps=gbps,
+        baseline=baseline if base_median else None, speedup=base_median / median if base_median else None,
+        copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps, quick=request.config.getoption("--bench-quick"),
+        **info)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize(("method", "dtype_name"), CASES, ids=[f"{m}-{d}" for m, d in CASES])
+def test_merge_method(benchmark, request, copy_gbps, method, dtype_name, provider):
+    base, models, count = _data(dtype_name, request.config.getoption("--bench-quick"))
+    run = _prepare(method, provider, base, models)
+    case = f"{method}{K if method != 'slerp' else 2}-gpt2-{dtype_name}"
+
+    def check(result: Dict[str, Tensor]) -> None:
+        if method in DETERMINISTIC and provider == "swm":  # the two providers compute the same thing
+            reference = _prepare(method, "torch:stack", base, models)()
+            for key, tensor in result.items():
+                tol = 2e-2 if dtype_name == "bf16" else 1e-4
+                torch.testing.assert_close(tensor.float(), reference[key].float(), rtol=tol, atol=tol)
+
+    median = _time(benchmark, request, case, provider, run, check)
+    if median is None:
+        return
+    inputs = 2 if method == "slerp" else K + 1
+    _record(benchmark, request, copy_gbps, case, provider, "torch:stack", median,
+            count * (inputs + 1) * DTYPES[dtype_name].itemsize, op=method, model_dtype=dtype_name,
+            average_dtype=dtype_name, k=inputs - (method != "slerp"), numel=count,
+            bytes_per_element=(inputs + 1) * DTYPES[dtype_name].itemsize)
 
 
 # ---------------------------------------------------------------- the fused ops alone, against plain torch
@@ -247,35 +265,22 @@ def _prepare_fused(op: str, provider: str, data: Dict) -> Callable[[], None]:
 @pytest.mark.parametrize("provider", ("torch", "swm"))
 @pytest.mark.parametrize(("op", "dtype_name"), FUSED_CASES, ids=[f"{o}-{d}" for o, d in FUSED_CASES])
 def test_fused_op(benchmark, request, copy_gbps, op, dtype_name, provider):
-    quick = request.config.getoption("--bench-quick")
-    budget = request.config.getoption("--bench-budget")
-    data = _fused_data(op, dtype_name, quick)
+    data = _fused_data(op, dtype_name, request.config.getoption("--bench-quick"))
     run = _prepare_fused(op, provider, data)
     case = f"{op}{K if op == 'ties_merge' else ''}-gpt2-{dtype_name}"
-    benchmark.group = case
-    start = time.perf_counter()
-    run()  # warm-up; also sizes the number of rounds
-    first = time.perf_counter() - start
-    if op == "ties_merge" and provider == "swm":  # the two providers compute the same thing
-        fused = [t.clone() for t in data["out"]]
-        _prepare_fused(op, "torch", data)()
-        for got, want in zip(fused, data["out"]):
-            tol = 2e-2 if dtype_name == "bf16" else 1e-5
-            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
-    rounds = MIN_ROUNDS if quick else min(MAX_ROUNDS, max(MIN_ROUNDS, int(budget / max(first, 1e-9))))
-    benchmark.pedantic(run, rounds=rounds, iterations=1)
-    if benchmark.stats is None:
+
+    def check(_) -> None:
+        if op == "ties_merge" and provider == "swm":  # the two providers compute the same thing
+            fused = [t.clone() for t in data["out"]]
+            _prepare_fused(op, "torch", data)()
+            for got, want in zip(fused, data["out"]):
+                tol = 2e-2 if dtype_name == "bf16" else 1e-5
+                torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+    median = _time(benchmark, request, case, provider, run, check)
+    if median is None:
         return
-    median = benchmark.stats.stats.median
-    _medians.setdefault(case, {})[provider] = median
-    units = FUSED_OPS[op]
-    itemsize = DTYPES[dtype_name].itemsize if op == "ties_merge" else 4
-    nbytes = data["count"] * units * itemsize
-    baseline = _medians[case].get("torch") if provider == "swm" else None
-    gbps = nbytes / median / 1e9
-    benchmark.extra_info.update(
-        case=case, provider=provider, op=op, workload="gpt2", model_dtype=dtype_name, average_dtype=dtype_name,
-        k=K if op == "ties_merge" else 1, numel=data["count"], bytes=nbytes, bytes_per_element=units * itemsize,
-        median_s=median, gbps=gbps, baseline="torch" if baseline else None,
-        speedup=baseline / median if baseline else None, copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps,
-        quick=quick)
+    per_element = FUSED_OPS[op] * (DTYPES[dtype_name].itemsize if op == "ties_merge" else 4)
+    _record(benchmark, request, copy_gbps, case, provider, "torch", median, data["count"] * per_element, op=op,
+            model_dtype=dtype_name, average_dtype=dtype_name, k=K if op == "ties_merge" else 1, numel=data["count"],
+            bytes_per_element=per_element)

@@ -364,7 +364,8 @@ void sam_ascent_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 // allocator keeps the pinned block until the copy is done); on the CPU (the emulated build), the host tensor.
 Tensor device_words(const std::vector<int64_t>& words, const at::Device& device) {
   const bool cuda = device.is_cuda();
-  Tensor host = at::empty({static_cast<int64_t>(words.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(cuda));
+  Tensor host = at::empty({static_cast<int64_t>(words.size())},
+                          at::TensorOptions().dtype(at::kLong).pinned_memory(cuda));
   std::copy(words.begin(), words.end(), host.data_ptr<int64_t>());
   return cuda ? host.to(at::TensorOptions().dtype(at::kLong).device(device), /*non_blocking=*/true) : host;
 }

@@ -58,6 +58,14 @@ struct TiesOp {
     return mul_rn(w, d);
   }
 
+  // f(j, x, w) for the terms x of elements i .. i+N-1 of input kk, whose weight is w.
+  template <int N, typename F> __device__ void for_each_term(const Chunk& c, int kk, const C* b, int i, F&& f) const {
+    const C w = static_cast<C>(weights[kk]);
+    const Vec<InT, N> v = load<N>(c.in[kk] + c.start + i);
+#pragma unroll
+    for (int j = 0; j < N; ++j) f(j, term(c, kk, convert_in<C>(v.v[j]), b[j], w), w);
+  }
+
   // Two sweeps over the K inputs: the election, then the masked sums, which read the inputs again (from
   // cache: the same thread just loaded them), so K is not limited by registers. Every load of an element
   // happens before its store, so `out` may be the base or one of the inputs.
@@ -73,27 +81,17 @@ struct TiesOp {
       if (!has_base) b[j] = C(0);
       votes[j] = m[j] = d[j] = C(0);
     }
-    if (election != kElectNone) {
-      for (int kk = 0; kk < k; ++kk) {
-        const C w = static_cast<C>(weights[kk]);
-        const Vec<InT, N> v = load<N>(c.in[kk] + c.start + i);
-#pragma unroll
-        for (int j = 0; j < N; ++j) {
-          const C x = term(c, kk, convert_in<C>(v.v[j]), b[j], w);
-          votes[j] = add_rn(votes[j], election == kElectCount ? C(int(x > C(0)) - int(x < C(0))) : x);
-        }
-      }
+    for (int kk = 0; election != kElectNone && kk < k; ++kk) {
+      for_each_term<N>(c, kk, b, i, [&](int j, C x, C) {
+        votes[j] = add_rn(votes[j], election == kElectCount ? C(int(x > C(0)) - int(x < C(0))) : x);
+      });
     }
     for (int kk = 0; kk < k; ++kk) {
-      const C w = static_cast<C>(weights[kk]);
-      const Vec<InT, N> v = load<N>(c.in[kk] + c.start + i);
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const C x = term(c, kk, convert_in<C>(v.v[j]), b[j], w);
+      for_each_term<N>(c, kk, b, i, [&](int j, C x, C w) {
         const bool kept = election == kElectNone || (votes[j] >= C(0) ? x > C(0) : x < C(0));
         m[j] = add_rn(m[j], kept ? x : C(0));
         d[j] = add_rn(d[j], kept ? w : C(0));
-      }
+      });
     }
     Vec<OutT, N> r;
 #pragma unroll
@@ -180,21 +178,12 @@ cudaError_t launch_ties_merge(int64_t n, const int64_t* numels, void* const* out
     const void* p = d == 0 ? outs[i] : d == 1 ? bases[i] : d == 2 ? in_rows[i] : bands[i];
     return const_cast<void*>(p);
   };
-  cudaError_t err = cudaSuccess;
-  for (int32_t o = 0; o < 4; ++o) {
-    for (int32_t s = 0; s < 4; ++s) {
-      if (groups[o][s].empty() || err != cudaSuccess) continue;
-      dispatch_dtype(o, [&](auto out_tag) {
-        dispatch_dtype(s, [&](auto in_tag) {
-          using Op = TiesOp<typename decltype(out_tag)::type, typename decltype(in_tag)::type>;
-          const Op op{weights_dev, k_inputs, election, normalize, has_base, subtract_base,
-                      static_cast<typename Op::C>(scale)};  // rounded once to the compute type, as torch does
-          err = multi_tensor_apply(groups[o][s], numels, pointer, op, stream);
-        });
-      });
-    }
-  }
-  return err;
+  return for_each_dtype_pair(groups, [&](auto out_tag, auto in_tag, const std::vector<int64_t>& members) {
+    using Op = TiesOp<typename decltype(out_tag)::type, typename decltype(in_tag)::type>;
+    const Op op{weights_dev, k_inputs, election, normalize, has_base, subtract_base,
+                static_cast<typename Op::C>(scale)};  // rounded once to the compute type, as torch does
+    return multi_tensor_apply(members, numels, pointer, op, stream);
+  });
 }
 
 cudaError_t launch_dare_drop(int64_t n, const int64_t* numels, void* const* deltas, const int32_t* delta_dtypes,

@@ -350,6 +350,21 @@ template <typename F> bool dispatch_dtype(int32_t code, F&& f) {
 
 inline bool valid_dtype(int32_t code) { return code >= kFloat32 && code <= kFloat16; }
 
+// f(Tag<A>{}, Tag<B>{}, members) for every non-empty groups[a][b] of a grid of dtype codes (a: the written
+// tensors', b: the read ones'), in order, until f returns an error; returns that error or cudaSuccess.
+template <typename F> cudaError_t for_each_dtype_pair(const std::vector<int64_t> (&groups)[4][4], F&& f) {
+  cudaError_t err = cudaSuccess;
+  for (int32_t a = 0; a < 4; ++a) {
+    for (int32_t b = 0; b < 4; ++b) {
+      if (groups[a][b].empty() || err != cudaSuccess) continue;
+      dispatch_dtype(a, [&](auto a_tag) {
+        dispatch_dtype(b, [&](auto b_tag) { err = f(a_tag, b_tag, groups[a][b]); });
+      });
+    }
+  }
+  return err;
+}
+
 }  // namespace swm_fused_cuda
 
 #endif  // __CUDACC__
