@@ -194,6 +194,24 @@ class Runner:
                    lambda ls: swm_fused.merge_(ls[0], [ls[0], ls[1], ls[2]], [0.5, 0.3, 0.2]),
                    _max_abs([t for ts in lists for t in ts]))
 
+        # The sparsifying merges: ties_merge_ (out, base, K models; bands; each election) and dare_drop_
+        # (a number or per-element keep probabilities). K = 11: the CUDA kernel's pointer table.
+        for k, majority in ((1, "sum"), (3, "count"), (8, None), (11, "sum")):
+            lists = fresh(k + 2, AVERAGE_DTYPES)  # out, base, then the K models
+            bands = torch.rand(k, len(SHAPES), 2, dtype=torch.float64, device=dev) * torch.tensor(
+                [0.5, 4.0], dtype=torch.float64, device=dev)
+            weights = [(-1) ** i * (0.5 + 0.25 * i) / k for i in range(k)]
+            scale = _max_abs([t for ts in lists[1:] for t in ts]) * (1 + 2 * sum(abs(w) for w in weights))
+            self.check(backend, f"ties_merge_ K={k} {majority}", lists, [0],
+                       lambda ls, w=weights, b=bands, m=majority: swm_fused.ties_merge_(
+                           ls[0], ls[2:], w, base=ls[1], thresholds=b, majority_sign=m), scale)
+        for per_element in (False, True):
+            deltas, u, p = fresh(1, AVERAGE_DTYPES)[0], fresh(1, SOURCE_DTYPES, positive=(True,))[0], \
+                fresh(1, [torch.float64], positive=(True,))[0]
+            self.check(backend, f"dare_drop_ {'per element' if per_element else 'p=0.4'}", [deltas, u, p], [0],
+                       lambda ls, e=per_element: swm_fused.dare_drop_(ls[0], ls[1], ls[2] if e else 0.4),
+                       _max_abs(deltas) / 0.4 if not per_element else _max_abs(deltas) * 50)
+
         # any_nonfinite: finite lists, then one NaN and one Inf in the last (largest) tensor.
         lists = fresh(1, SOURCE_DTYPES)
         self.check(backend, "any_nonfinite finite", lists, [], lambda ls: swm_fused.any_nonfinite(ls[0]), 1.0)

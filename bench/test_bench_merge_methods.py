@@ -8,6 +8,13 @@ stack the task vectors, select, mask and reduce over the stack (as mergekit's me
 are credited with the same bytes, the minimum traffic: read K+1 inputs, write one output.
 The deterministic methods are checked to agree before they are timed.
 
+``test_fused_op`` times the two fused ops of the sparsifying merges on the same tensors, against
+plain torch of the same element-wise formula (``torch``): ``ties_merge_`` (K = 3 models and a base,
+trimmed to bands from ``kthvalue`` computed before timing, sign election, disjoint mean, rounded into
+the model dtype; credited with reading K + 1 inputs and writing the output) and ``dare_drop_`` (an fp32
+task vector dropped and rescaled in place against fp32 ``u``, with one keep probability or an fp64 one
+per element; credited with reading and writing the task vector and reading u (and p)).
+
 Results land in the same pytest-benchmark JSON and report as bench/test_bench_ops.py's.
 """
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -24,6 +31,7 @@ from torch import Tensor
 from cases import QUICK_MAX_NUMEL
 from workloads import WORKLOADS, numel, shrink
 
+import swm_fused
 from swm_fused import merge as M
 
 K = 3
@@ -133,37 +141,146 @@ def _prepare(method: str, provider: str, base, models) -> Callable[[], Dict[str,
     return lambda: {key: torch_merge(method, t, [m[key] for m in ends], key, params) for key, t in base.items()}
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize(("method", "dtype_name"), CASES, ids=[f"{m}-{d}" for m, d in CASES])
-def test_merge_method(benchmark, request, copy_gbps, method, dtype_name, provider):
+def _time(benchmark, request, case: str, provider: str, run: Callable, check: Callable = lambda result: None
+          ) -> Optional[float]:
+    """Warm up (which sizes the rounds) and ``check`` the warm-up's result, then time ``run``: the median
+    seconds, also kept for the case's other providers; None when nothing was timed."""
     quick = request.config.getoption("--bench-quick")
     budget = request.config.getoption("--bench-budget")
-    base, models, count = _data(dtype_name, quick)
-    run = _prepare(method, provider, base, models)
-    case = f"{method}{K if method != 'slerp' else 2}-gpt2-{dtype_name}"
     benchmark.group = case
     start = time.perf_counter()
-    result = run()  # warm-up; also sizes the number of rounds
+    check(run())
     first = time.perf_counter() - start
-    if method in DETERMINISTIC and provider == "swm":  # the two providers compute the same thing
-        reference = _prepare(method, "torch:stack", base, models)()
-        for key, tensor in result.items():
-            tol = 2e-2 if dtype_name == "bf16" else 1e-4
-            torch.testing.assert_close(tensor.float(), reference[key].float(), rtol=tol, atol=tol)
-    del result
     rounds = MIN_ROUNDS if quick else min(MAX_ROUNDS, max(MIN_ROUNDS, int(budget / max(first, 1e-9))))
     benchmark.pedantic(run, rounds=rounds, iterations=1)
     if benchmark.stats is None:
-        return
-    median = benchmark.stats.stats.median
-    _medians.setdefault(case, {})[provider] = median
-    inputs = 2 if method == "slerp" else K + 1
-    nbytes = count * (inputs + 1) * DTYPES[dtype_name].itemsize
-    baseline = _medians[case].get("torch:stack") if provider == "swm" else None
+        return None
+    _medians.setdefault(case, {})[provider] = benchmark.stats.stats.median
+    return benchmark.stats.stats.median
+
+
+def _record(benchmark, request, copy_gbps: float, case: str, provider: str, baseline: str, median: float,
+            nbytes: int, **info) -> None:
+    """GB/s of the credited bytes, and the speed-up over ``baseline`` measured in this run, in extra_info."""
+    base_median = _medians[case].get(baseline) if provider != baseline else None
     gbps = nbytes / median / 1e9
     benchmark.extra_info.update(
-        case=case, provider=provider, op=method, workload="gpt2", model_dtype=dtype_name, average_dtype=dtype_name,
-        k=inputs - (method != "slerp"), numel=count, bytes=nbytes, bytes_per_element=(inputs + 1) *
-        DTYPES[dtype_name].itemsize, median_s=median, gbps=gbps, baseline="torch:stack" if baseline else None,
-        speedup=baseline / median if baseline else None, copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps,
-        quick=quick)
+        case=case, provider=provider, workload="gpt2", bytes=nbytes, median_s=median, gbps=gbps,
+        baseline=baseline if base_median else None, speedup=base_median / median if base_median else None,
+        copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps, quick=request.config.getoption("--bench-quick"),
+        **info)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize(("method", "dtype_name"), CASES, ids=[f"{m}-{d}" for m, d in CASES])
+def test_merge_method(benchmark, request, copy_gbps, method, dtype_name, provider):
+    base, models, count = _data(dtype_name, request.config.getoption("--bench-quick"))
+    run = _prepare(method, provider, base, models)
+    case = f"{method}{K if method != 'slerp' else 2}-gpt2-{dtype_name}"
+
+    def check(result: Dict[str, Tensor]) -> None:
+        if method in DETERMINISTIC and provider == "swm":  # the two providers compute the same thing
+            reference = _prepare(method, "torch:stack", base, models)()
+            for key, tensor in result.items():
+                tol = 2e-2 if dtype_name == "bf16" else 1e-4
+                torch.testing.assert_close(tensor.float(), reference[key].float(), rtol=tol, atol=tol)
+
+    median = _time(benchmark, request, case, provider, run, check)
+    if median is None:
+        return
+    inputs = 2 if method == "slerp" else K + 1
+    _record(benchmark, request, copy_gbps, case, provider, "torch:stack", median,
+            count * (inputs + 1) * DTYPES[dtype_name].itemsize, op=method, model_dtype=dtype_name,
+            average_dtype=dtype_name, k=inputs - (method != "slerp"), numel=count,
+            bytes_per_element=(inputs + 1) * DTYPES[dtype_name].itemsize)
+
+
+# ---------------------------------------------------------------- the fused ops alone, against plain torch
+
+FUSED_OPS = {"ties_merge": 2 + K, "dare_drop": 3, "dare_drop_per_element": 5}  # op -> bytes/element in 4-byte units
+FUSED_CASES = [("ties_merge", d) for d in DTYPES] + [("dare_drop", "fp32"), ("dare_drop_per_element", "fp32")]
+FUSED_WEIGHTS, FUSED_SCALE, FUSED_DENSITY = [0.5, 1.0, 0.75], 0.9, 0.3
+_fused: Dict[Tuple[str, str, bool], Dict] = {}
+
+
+def _fused_data(op: str, dtype_name: str, quick: bool) -> Dict:
+    """The op's tensors from the merge cases' models, built once (the thresholds and draws outside the timing)."""
+    key = (op, dtype_name, quick)
+    if key not in _fused:
+        _fused.clear()
+        base, models, count = _data(dtype_name, quick)
+        keys = list(base)
+        data: Dict = {"count": count, "keys": keys}
+        if op == "ties_merge":
+            bands = torch.empty(K, len(keys), 2)
+            bands[:, :, 1] = math.inf
+            for k, m in enumerate(models):
+                for i, name in enumerate(keys):
+                    magnitudes = (m[name].float() - base[name].float()).abs().reshape(-1)
+                    kept = min(max(int(math.floor(FUSED_DENSITY * magnitudes.numel() + 0.5)), 1), magnitudes.numel())
+                    bands[k, i, 0] = magnitudes.kthvalue(magnitudes.numel() - kept + 1).values
+            data.update(base=[base[n] for n in keys], models=[[m[n] for n in keys] for m in models], bands=bands,
+                        out=[torch.empty_like(base[n]) for n in keys])
+        else:
+            gen = torch.Generator().manual_seed(1)
+            data["deltas"] = [models[0][n].float() - base[n].float() for n in keys]
+            data["u"] = [torch.rand(t.shape, generator=gen) for t in data["deltas"]]
+            data["p"] = FUSED_DENSITY if op == "dare_drop" else \
+                [torch.rand(t.shape, generator=gen, dtype=torch.float64) * 0.4 + 0.1 for t in data["deltas"]]
+        _fused[key] = data
+    return _fused[key]
+
+
+def torch_ties_merge(base: Tensor, models: List[Tensor], bands: Tensor) -> Tensor:
+    """ties_merge_'s formula in plain torch over one tensor: stack the task vectors, trim, elect, mean, add."""
+    b = base.float().reshape(-1)
+    deltas = torch.stack([m.float().reshape(-1) - b for m in models])
+    magnitudes = deltas.abs()
+    deltas = deltas * ((magnitudes >= bands[:, :1]) & (magnitudes < bands[:, 1:]))
+    weights = torch.tensor(FUSED_WEIGHTS)[:, None]
+    return (b + FUSED_SCALE * _elect(weights * deltas, weights, normalize=True)).reshape(base.shape).to(base.dtype)
+
+
+def _prepare_fused(op: str, provider: str, data: Dict) -> Callable[[], None]:
+    if op == "ties_merge":
+        if provider == "swm":
+            return lambda: swm_fused.ties_merge_(data["out"], data["models"], FUSED_WEIGHTS, base=data["base"],
+                                                 thresholds=data["bands"], normalize=True, scale=FUSED_SCALE)
+
+        def run_torch() -> None:
+            for i, b in enumerate(data["base"]):
+                data["out"][i].copy_(torch_ties_merge(b, [m[i] for m in data["models"]], data["bands"][:, i]))
+        return run_torch
+    p = data["p"]
+    if provider == "swm":
+        return lambda: swm_fused.dare_drop_(data["deltas"], data["u"], p)
+
+    def run_torch() -> None:  # the drop and the rescale as torch writes them: a mask, then a division
+        for i, (d, u) in enumerate(zip(data["deltas"], data["u"])):
+            keep = p if isinstance(p, float) else p[i]
+            d.mul_(u < keep).div_(keep)
+    return run_torch
+
+
+@pytest.mark.parametrize("provider", ("torch", "swm"))
+@pytest.mark.parametrize(("op", "dtype_name"), FUSED_CASES, ids=[f"{o}-{d}" for o, d in FUSED_CASES])
+def test_fused_op(benchmark, request, copy_gbps, op, dtype_name, provider):
+    data = _fused_data(op, dtype_name, request.config.getoption("--bench-quick"))
+    run = _prepare_fused(op, provider, data)
+    case = f"{op}{K if op == 'ties_merge' else ''}-gpt2-{dtype_name}"
+
+    def check(_) -> None:
+        if op == "ties_merge" and provider == "swm":  # the two providers compute the same thing
+            fused = [t.clone() for t in data["out"]]
+            _prepare_fused(op, "torch", data)()
+            for got, want in zip(fused, data["out"]):
+                tol = 2e-2 if dtype_name == "bf16" else 1e-5
+                torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+    median = _time(benchmark, request, case, provider, run, check)
+    if median is None:
+        return
+    per_element = FUSED_OPS[op] * (DTYPES[dtype_name].itemsize if op == "ties_merge" else 4)
+    _record(benchmark, request, copy_gbps, case, provider, "torch", median, data["count"] * per_element, op=op,
+            model_dtype=dtype_name, average_dtype=dtype_name, k=K if op == "ties_merge" else 1, numel=data["count"],
+            bytes_per_element=per_element)

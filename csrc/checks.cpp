@@ -31,6 +31,9 @@ using AnyNonfiniteFn = at::Tensor(at::TensorList);
 using LerpMultiFn = void(at::TensorList, at::TensorList, at::ArrayRef<double>, const OptTensor&);
 using SqNormFn = at::Tensor(at::TensorList, at::TensorList);
 using SamAscentFn = void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, bool, const OptTensor&);
+using TiesMergeFn = void(at::TensorList, at::TensorList, at::ArrayRef<double>, at::TensorList, const OptTensor&,
+                         c10::string_view, bool, double, bool);
+using DareDropFn = void(at::TensorList, at::TensorList, at::TensorList, double, bool);
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> handle(const char* name) {
@@ -83,6 +86,22 @@ void sam_ascent_checked(c10::DispatchKeySet keys, at::TensorList params, at::Ten
   op.redispatch(keys & kAfterBackendSelect, params, grads, saved, scale, adaptive, found_inf);
 }
 
+void ties_merge_checked(c10::DispatchKeySet keys, at::TensorList out, at::TensorList inputs,
+                        at::ArrayRef<double> weights, at::TensorList base, const OptTensor& thresholds,
+                        c10::string_view majority_sign, bool normalize, double scale, bool task_vectors) {
+  validate::ties_merge_args(out, inputs, weights.size(), base, thresholds, majority_sign);
+  static const auto op = handle<TiesMergeFn>("swm_fused::ties_merge_");
+  op.redispatch(keys & kAfterBackendSelect, out, inputs, weights, base, thresholds, majority_sign, normalize, scale,
+                task_vectors);
+}
+
+void dare_drop_checked(c10::DispatchKeySet keys, at::TensorList deltas, at::TensorList u, at::TensorList keep_prob,
+                       double p, bool rescale) {
+  validate::dare_drop_args(deltas, u, keep_prob);
+  static const auto op = handle<DareDropFn>("swm_fused::dare_drop_");
+  op.redispatch(keys & kAfterBackendSelect, deltas, u, keep_prob, p, rescale);
+}
+
 void check_merge(at::TensorList out, at::TensorList inputs, int64_t num_weights) {
   TORCH_CHECK_VALUE(num_weights >= 0, "num_weights must be >= 0, got ", num_weights);
   validate::merge_args(out, inputs, static_cast<size_t>(num_weights));
@@ -91,6 +110,12 @@ void check_merge(at::TensorList out, at::TensorList inputs, int64_t num_weights)
 void check_lerp_multi(at::TensorList avgs, at::TensorList src, int64_t num_weights, const OptTensor& found_inf) {
   TORCH_CHECK_VALUE(num_weights >= 0, "num_weights must be >= 0, got ", num_weights);
   validate::lerp_multi_args(avgs, src, static_cast<size_t>(num_weights), found_inf);
+}
+
+void check_ties_merge(at::TensorList out, at::TensorList inputs, int64_t num_weights, at::TensorList base,
+                      const OptTensor& thresholds, c10::string_view majority_sign) {
+  TORCH_CHECK_VALUE(num_weights >= 0, "num_weights must be >= 0, got ", num_weights);
+  validate::ties_merge_args(out, inputs, static_cast<size_t>(num_weights), base, thresholds, majority_sign);
 }
 
 }  // namespace
@@ -103,6 +128,8 @@ TORCH_LIBRARY_IMPL(swm_fused, BackendSelect, m) {
   m.impl("any_nonfinite", &any_nonfinite_checked);
   m.impl("sq_norm", &sq_norm_checked);
   m.impl("sam_ascent_", &sam_ascent_checked);
+  m.impl("ties_merge_", &ties_merge_checked);
+  m.impl("dare_drop_", &dare_drop_checked);
 }
 
 TORCH_LIBRARY_IMPL(swm_fused, CompositeImplicitAutograd, m) {
@@ -113,6 +140,8 @@ TORCH_LIBRARY_IMPL(swm_fused, CompositeImplicitAutograd, m) {
   m.impl("check_any_nonfinite", &validate::any_nonfinite_args);
   m.impl("check_sq_norm", &validate::sq_norm_args);
   m.impl("check_sam_ascent_", &validate::sam_ascent_args);
+  m.impl("check_ties_merge_", &check_ties_merge);
+  m.impl("check_dare_drop_", &validate::dare_drop_args);
 }
 
 }  // namespace swm_fused

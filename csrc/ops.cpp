@@ -33,6 +33,14 @@ TORCH_LIBRARY(swm_fused, m) {
   m.def("sq_norm(Tensor[] tensors, Tensor[] scale) -> Tensor");
   m.def("sam_ascent_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saved, Tensor scale, bool adaptive, "
         "Tensor? found_inf) -> ()");
+  // The sparsifying merges (docs/design.md has the element-wise contracts). ties_merge_: inputs holds
+  // K = len(weights) lists back to back (k-major), base is empty or one list, thresholds (K, N, 2) holds each
+  // input's band [lo, hi) of kept task-vector magnitudes; out <- base + scale * (elected, masked, weighted sum).
+  // dare_drop_: deltas <- [u < p] * (deltas / p if rescale else deltas), p = keep_prob[i] or, when keep_prob is
+  // empty, the number p.
+  m.def("ties_merge_(Tensor(a!)[] out, Tensor[] inputs, float[] weights, Tensor[] base, Tensor? thresholds, "
+        "str majority_sign, bool normalize, float scale, bool task_vectors) -> ()");
+  m.def("dare_drop_(Tensor(a!)[] deltas, Tensor[] u, Tensor[] keep_prob, float p, bool rescale) -> ()");
   // The validator alone, with the list arguments of the op above of the same name: the Python
   // backends (reference, triton) call these before running, so every backend checks the same rules.
   m.def("check_lerp_(Tensor[] avg, Tensor[] src, Tensor? weight_tensor, Tensor? found_inf) -> ()");
@@ -42,4 +50,7 @@ TORCH_LIBRARY(swm_fused, m) {
   m.def("check_any_nonfinite(Tensor[] tensors) -> ()");
   m.def("check_sq_norm(Tensor[] tensors, Tensor[] scale) -> ()");
   m.def("check_sam_ascent_(Tensor[] params, Tensor[] grads, Tensor[] saved, Tensor scale, Tensor? found_inf) -> ()");
+  m.def("check_ties_merge_(Tensor[] out, Tensor[] inputs, int num_weights, Tensor[] base, Tensor? thresholds, "
+        "str majority_sign) -> ()");
+  m.def("check_dare_drop_(Tensor[] deltas, Tensor[] u, Tensor[] keep_prob) -> ()");
 }

@@ -10,6 +10,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cctype>
 #include <optional>
@@ -126,18 +127,23 @@ inline void swag_args(at::TensorList mean, at::TensorList sq_mean, at::TensorLis
   check_lists({{"mean", mean, Role::Written}, {"sq_mean", sq_mean, Role::Written}, {"src", src, Role::Read}});
 }
 
-// `inputs` holds the K input lists back to back (k-major: inputs[k * N + i]), K = n_weights.
-inline void merge_args(at::TensorList out, at::TensorList inputs, size_t n_weights) {
+// The written list `out` followed by the K read lists of `inputs` (k-major: inputs[k * N + i], K = n_weights),
+// after checking that there is at least one and that `inputs` holds K * N tensors.
+inline std::vector<NamedList> out_and_k_inputs(at::TensorList out, at::TensorList inputs, size_t n_weights) {
   TORCH_CHECK_VALUE(n_weights >= 1, "weights is empty; give at least one input list");
   const size_t n = out.size();
   TORCH_CHECK_VALUE(inputs.size() == n_weights * n, "inputs has ", inputs.size(), " tensors but ", n_weights,
                     " weights and ", n, " outputs need ", n_weights * n, " (k-major: inputs[k * ", n, " + i])");
   std::vector<NamedList> lists;
-  lists.reserve(n_weights + 1);
+  lists.reserve(n_weights + 2);
   lists.push_back({"out", out, Role::Written});
   for (size_t k = 0; k < n_weights; ++k)
     lists.push_back({"inputs[" + std::to_string(k) + "]", inputs.slice(k * n, n), Role::Read});
-  check_lists(lists);
+  return lists;
+}
+
+inline void merge_args(at::TensorList out, at::TensorList inputs, size_t n_weights) {
+  check_lists(out_and_k_inputs(out, inputs, n_weights));
 }
 
 // `avgs` holds K = n_weights lists back to back (k-major: avgs[k * N + i]), N = src.size().
@@ -177,6 +183,35 @@ inline void sam_ascent_args(at::TensorList params, at::TensorList grads, at::Ten
   TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "scale has dtype ", python_dtype(scale.scalar_type()),
                    "; it must be floating point");
   check_lists({{"params", params, Role::Written}, {"grads", grads, Role::Read}, {"saved", saved, Role::Written}});
+}
+
+// ties_merge_: `inputs` as for merge_; `base` empty or paired with `out`; `thresholds` a floating tensor of shape
+// (K, N, 2) on the tensors' device; majority_sign "sum", "count" or "none".
+inline void ties_merge_args(at::TensorList out, at::TensorList inputs, size_t n_weights, at::TensorList base,
+                            const std::optional<at::Tensor>& thresholds, c10::string_view majority_sign) {
+  TORCH_CHECK_VALUE(majority_sign == "sum" || majority_sign == "count" || majority_sign == "none",
+                    "majority_sign must be 'sum', 'count' or 'none', got '", majority_sign, "'");
+  if (thresholds.has_value()) {
+    const at::Tensor& t = *thresholds;
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "thresholds has dtype ", python_dtype(t.scalar_type()),
+                     "; it must be floating point");
+    const std::vector<int64_t> shape{static_cast<int64_t>(n_weights), static_cast<int64_t>(out.size()), 2};
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "thresholds must have shape (K, N, 2) = ",
+                      python_shape(shape), " for K = ", n_weights, " input lists of N = ", out.size(),
+                      " tensors, got ", python_shape(t.sizes()));
+    TORCH_CHECK_VALUE(out.empty() || t.device() == out[0].device(), "thresholds is on ", t.device().str(),
+                      " but the tensors are on ", out[0].device().str());
+  }
+  std::vector<NamedList> lists = out_and_k_inputs(out, inputs, n_weights);
+  if (!base.empty()) lists.push_back({"base", base, Role::Read});
+  check_lists(lists);
+}
+
+// dare_drop_: `u` pairs with `deltas`, and so does `keep_prob` unless it is empty (one keep probability for all).
+inline void dare_drop_args(at::TensorList deltas, at::TensorList u, at::TensorList keep_prob) {
+  std::vector<NamedList> lists{{"deltas", deltas, Role::Written}, {"u", u, Role::Read}};
+  if (!keep_prob.empty()) lists.push_back({"keep_prob", keep_prob, Role::Read});
+  check_lists(lists);
 }
 
 }  // namespace swm_fused::validate

@@ -6,7 +6,8 @@ from typing import Any
 
 from .dispatch import available_backends, tune, use_backend
 from .flat import FlatBuffer
-from .ops import BoundLists, any_nonfinite, ema_, ema_multi_, merge_, sam_ascent_, sq_norm, swa_, swag_
+from .ops import (BoundLists, any_nonfinite, dare_drop_, ema_, ema_multi_, merge_, sam_ascent_, sq_norm, swa_, swag_,
+                  ties_merge_)
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'swm_fused' has no attribute {name!r}")
 
 
-__all__ = ["ema_", "ema_multi_", "swa_", "swag_", "merge_", "any_nonfinite", "sq_norm", "sam_ascent_", "FlatBuffer",
-           "BoundLists", "available_backends", "use_backend", "tune", *_LAZY]
+__all__ = ["ema_", "ema_multi_", "swa_", "swag_", "merge_", "any_nonfinite", "sq_norm", "sam_ascent_", "ties_merge_",
+           "dare_drop_", "FlatBuffer", "BoundLists", "available_backends", "use_backend", "tune", *_LAZY]

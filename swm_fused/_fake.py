@@ -50,3 +50,15 @@ def _sq_norm_fake(tensors: List[Tensor], scale: List[Tensor]) -> Tensor:
 def _sam_ascent_fake(params: List[Tensor], grads: List[Tensor], saved: List[Tensor], scale: Tensor, adaptive: bool,
                      found_inf: Optional[Tensor]) -> None:
     return None
+
+
+@torch.library.register_fake("swm_fused::ties_merge_")
+def _ties_merge_fake(out: List[Tensor], inputs: List[Tensor], weights: List[float], base: List[Tensor],
+                     thresholds: Optional[Tensor], majority_sign: str, normalize: bool, scale: float,
+                     task_vectors: bool) -> None:
+    return None
+
+
+@torch.library.register_fake("swm_fused::dare_drop_")
+def _dare_drop_fake(deltas: List[Tensor], u: List[Tensor], keep_prob: List[Tensor], p: float, rescale: bool) -> None:
+    return None

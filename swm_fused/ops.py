@@ -536,3 +536,100 @@ def sam_ascent_(params: TensorList, grads: TensorList, saved: TensorList, scale:
         return _prefixed("sam_ascent_", "check_sam_ascent_", params_list, grads_list, saved_list, scale, found_inf)
     _run("sam_ascent_", "sam_ascent_", [params_list, grads_list, saved_list], [params, grads, saved],
          _check_sam_ascent, (scale, adaptive, found_inf), (scale, found_inf))
+
+
+
+def _check_bool(op: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _optional_list(op: str, name: str, value: Optional[TensorList], paired: Tuple[str, List[Tensor]]) -> List[Tensor]:
+    """An optional list paired with another: [] for None. The kernels read an empty list as "not given", so an
+    empty list given for a non-empty ``paired`` list is a length error here."""
+    if value is None:
+        return []
+    tensors = _as_list(op, name, value)
+    if not tensors and paired[1]:
+        raise ValueError(f"{op}: {paired[0]} has {len(paired[1])} tensors but {name} has 0")
+    return tensors
+
+
+def ties_merge_(out: TensorList, inputs: Sequence[TensorList], weights: Sequence[float], *,
+                base: Optional[TensorList] = None, thresholds: Optional[Tensor] = None,
+                majority_sign: Optional[str] = "sum", normalize: bool = False, scale: float = 1.0,
+                task_vectors: bool = False) -> None:
+    """TIES-Merging in one pass over the K inputs: trim, elect a sign per element, sum the agreeing entries.
+
+    ``inputs`` is K tensor lists (one per model), each paired with ``out`` by position; ``base`` (optional)
+    is one more. Element by element, in float32 (float64 when any tensor of the position is float64):
+
+    1. task vectors ``d_k = inputs[k] - base`` (``inputs[k]`` itself without a base or with ``task_vectors``);
+    2. trim: with ``thresholds`` (a floating tensor of shape (K, N, 2) on the tensors' device: model k's
+       band ``[lo, hi)`` for tensor i; ``hi = inf`` is no upper bound), ``x_k = w_k * d_k`` where
+       ``lo <= |d_k| < hi`` (compared exactly), else 0; without thresholds every ``x_k = w_k * d_k``;
+    3. elect: ``E = sum_k x_k`` (``majority_sign="sum"``) or ``sum_k sign(x_k)`` (``"count"``,
+       ``sign(0) = 0``), added in order k; entry k is kept where ``x_k > 0`` if ``E >= 0``, else where
+       ``x_k < 0``; ``majority_sign=None`` keeps every entry (a trimmed weighted sum, no election);
+    4. ``M = sum_k [kept] x_k`` and ``D = sum_k [kept] w_k``; ``mixed = M / D`` (D = 0 read as 1) with
+       ``normalize``, else ``M``;
+    5. ``out = base + scale * mixed`` (``scale * mixed`` without a base), rounded once into out's dtype.
+
+    Each operation is rounded in the compute dtype, weights and scale rounded to it once. ``out`` may be
+    the base or one of the inputs. The thresholds are read on the device (no host sync); compute them
+    outside, e.g. with ``torch.kthvalue`` of ``|d_k|``.
+    """
+    op = "ties_merge_"
+    outs = _as_list(op, "out", out)
+    input_lists, weights = _k_lists(op, "inputs", inputs, weights, "model", ("out", outs))
+    base_list = _optional_list(op, "base", base, ("out", outs))
+    if thresholds is not None and not isinstance(thresholds, Tensor):
+        raise TypeError(f"{op}: thresholds must be a Tensor or None, got {type(thresholds).__name__}")
+    if majority_sign is not None and not isinstance(majority_sign, str):
+        raise TypeError(f"{op}: majority_sign must be 'sum', 'count' or None, got {type(majority_sign).__name__}")
+    sign = "none" if majority_sign is None else majority_sign
+    normalize = _check_bool(op, "normalize", normalize)
+    task_vectors = _check_bool(op, "task_vectors", task_vectors)
+    scale = _check_number(op, "scale", scale)
+    k = len(input_lists)
+
+    def check(*lists: List[Tensor]) -> None:
+        _validator().check_ties_merge_(lists[0], [t for x in lists[1:k + 1] for t in x], k,
+                                       lists[k + 1] if base_list else [], thresholds, sign)
+
+    if not outs:
+        return _prefixed(op, "check_ties_merge_", outs, [], k, base_list, thresholds, sign)
+    lists = [outs, *input_lists] + ([base_list] if base_list else [])
+    # Thresholds belong to views: FlatBuffer storages can stand in for the views only without them.
+    args = ([out, *inputs] + ([base] if base_list else [])) if thresholds is None else lists
+    _run(op, "ties_merge_", lists, args, check, (thresholds, sign, normalize, scale, task_vectors),
+         pack=lambda ls: (ls[0], ls[1:k + 1], weights, ls[k + 1] if base_list else []))
+
+
+def dare_drop_(deltas: TensorList, u: TensorList, keep_prob: Union[float, TensorList], *,
+               rescale: bool = True) -> None:
+    """DARE's drop and rescale in one pass, in place: ``delta <- delta / p`` where ``u < p``, else 0.
+
+    ``u`` (uniform draws, any floating dtype) pairs with ``deltas`` by position; ``keep_prob`` is one
+    probability in (0, 1] for every element, or a list of per-element probabilities paired with ``deltas``
+    (DELLA). ``u < p`` is compared exactly; ``delta / p`` is computed in float64 and rounded once into the
+    delta's dtype (through float32 into bfloat16/float16, as torch converts float64). With
+    ``rescale=False`` kept entries are left as they are.
+    """
+    op = "dare_drop_"
+    delta_list, u_list = _as_list(op, "deltas", deltas), _as_list(op, "u", u)
+    p, prob_list = 1.0, []
+    if isinstance(keep_prob, (Tensor, FlatBuffer, list, tuple)):
+        prob_list = _optional_list(op, "keep_prob", keep_prob, ("deltas", delta_list))
+    else:
+        p = _check_number(op, "keep_prob", keep_prob)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"{op}: keep_prob must be in (0, 1], got {p}")
+    rescale = _check_bool(op, "rescale", rescale)
+    if not delta_list:
+        return _prefixed(op, "check_dare_drop_", delta_list, u_list, prob_list)
+    lists = [delta_list, u_list] + ([prob_list] if prob_list else [])
+    args = [deltas, u] + ([keep_prob] if prob_list else [])
+    _run(op, "dare_drop_", lists, args, lambda d, uu, pp=(): _validator().check_dare_drop_(d, uu, list(pp)),
+         (p, rescale), pack=lambda ls: (ls[0], ls[1], ls[2] if len(ls) > 2 else []))

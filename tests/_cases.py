@@ -64,6 +64,15 @@ class _ValidatedEmulatedKernels:
         self._checks.check_sam_ascent_(params, grads, saved, scale, found_inf)
         self._emu.sam_ascent_(params, grads, saved, scale, adaptive, found_inf)
 
+    def ties_merge_(self, outs, inputs, weights, base, thresholds, majority_sign, normalize, scale, task_vectors):
+        self._checks.check_ties_merge_(outs, [t for x in inputs for t in x], len(weights), base, thresholds,
+                                       majority_sign)
+        self._emu.ties_merge_(outs, inputs, weights, base, thresholds, majority_sign, normalize, scale, task_vectors)
+
+    def dare_drop_(self, deltas, u, keep_prob, p, rescale):
+        self._checks.check_dare_drop_(deltas, u, keep_prob)
+        self._emu.dare_drop_(deltas, u, keep_prob, p, rescale)
+
 
 def _emulated_cuda_row() -> List[Tuple[str, torch.device]]:
     """("cuda_emu", cpu) when the emulated CUDA build is available: the CUDA kernels then run the

@@ -37,7 +37,10 @@ def _clones(tensors: List[Tensor]) -> List[Tensor]:
     return [t.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("ops", ["lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite"])
+KERNEL_OPS = ["lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite", "ties_merge_", "dare_drop_"]
+
+
+@pytest.mark.parametrize("ops", KERNEL_OPS)
 def test_every_op_has_a_cpu_kernel(ops):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::{ops}", "CPU")
 
@@ -111,7 +114,7 @@ def test_compiled_fullgraph_matches_eager(flag):
                 and torch.equal(c.isnan(), e.isnan()), f"{name}[{i}] differs between compiled and eager"
 
 
-@pytest.mark.parametrize("op", ["lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite"])
+@pytest.mark.parametrize("op", KERNEL_OPS)
 def test_validator_sits_in_front_of_every_kernel_and_has_a_check_op(op):
     """csrc/checks.cpp: BackendSelect kernels for the compiled path, check_* ops for the Python backends."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"swm_fused::{op}", "BackendSelect")

@@ -80,8 +80,9 @@ def test_no_host_sync(backend):
         s_bad = [t.clone() for t in s]
         s_bad[1][3] = float("nan")
         n = torch.tensor(3, device=DEVICE)
-        with use_backend(name):  # warm-up: first calls may build and upload launch tables
+        with use_backend(name):  # warm-up: first calls may build and upload launch tables (and pin host memory)
             swm_fused.merge_([t.clone() for t in o], [a, s, q], [0.5, -0.25, 0.125])
+            swm_fused.ties_merge_([t.clone() for t in o], [a, s], [0.5, 0.5], base=q)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode(sync_mode)
         try:
@@ -96,6 +97,9 @@ def test_no_host_sync(backend):
                 swm_fused.sam_ascent_(a, s, saved, 0.05 / (norm.sqrt() + 1e-12), adaptive=True, found_inf=flag)
                 swm_fused.sam_ascent_(q, s, saved, 0.05 / (swm_fused.sq_norm(s).sqrt() + 1e-12))
                 swm_fused.merge_(q, [saved], [1.0])
+                bands = torch.rand(2, len(sizes), 2, dtype=torch.float64, device=DEVICE)  # the merge ops
+                swm_fused.ties_merge_(o, [a, s], [0.7, -0.3], base=q, thresholds=bands, normalize=True)
+                swm_fused.dare_drop_(q, [torch.rand_like(t) for t in q], 0.3)
                 flag = swm_fused.any_nonfinite(s_bad)  # a NaN: these steps must be skipped, still without a sync
                 swm_fused.ema_(a, s_bad, 0.5, found_inf=flag)
                 swm_fused.swag_(a, q, s_bad, n, found_inf=flag)

@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import swm_fused
 from swm_fused import merge as M
 from swm_fused.merge import kernels
 
@@ -565,10 +566,12 @@ def test_kernels_contracts():
     kept = torch.where(u.double() < p, delta, 0.0)
     assert torch.allclose(out.double(), kept * delta.abs().sum() / kept.abs().sum(), rtol=1e-5, atol=0)
     x = [torch.tensor([1.0, -2.0, 0.0, 3.0]), torch.tensor([-2.0, 1.0, 0.0, -1.0])]
-    mixed, divisor = kernels.ties_elect_and_sum(x, [1.0, 1.0], "sum")
-    assert torch.equal(mixed, torch.tensor([-2.0, -2.0, 0.0, 3.0])) and torch.equal(divisor, torch.tensor(
-        [1.0, 1.0, 0.0, 1.0]))
-    mixed, divisor = kernels.ties_elect_and_sum(x, [1.0, 1.0], "count")
+    mixed = torch.empty(4)
+    swm_fused.ties_merge_(mixed, x, [1.0, 1.0], majority_sign="sum")  # M of the sign election, no base
+    assert torch.equal(mixed, torch.tensor([-2.0, -2.0, 0.0, 3.0]))
+    swm_fused.ties_merge_(mixed, x, [2.0, 3.0], majority_sign="sum", normalize=True)  # M / D, D = 0 read as 1
+    assert torch.equal(mixed, torch.tensor([-6.0 / 3.0, -4.0 / 2.0, 0.0, 6.0 / 2.0]))
+    swm_fused.ties_merge_(mixed, x, [1.0, 1.0], majority_sign="count")
     assert torch.equal(mixed, torch.tensor([1.0, 1.0, 0.0, 3.0]))  # ties in the count elect +
 
 
@@ -576,6 +579,7 @@ def test_kernels_contracts():
 
 METHOD_MEMORY_SCRIPT = """
 import json, sys
+import swm_fused
 from swm_fused import merge as M
 
 def status(field):

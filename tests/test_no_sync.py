@@ -55,6 +55,13 @@ def _every_op(device: torch.device) -> None:
     swm_fused.sam_ascent_(avg, src, saved, 0.05 / (swm_fused.sq_norm(src).sqrt() + 1e-12))
     swm_fused.merge_(avg, [saved], [1.0])  # SAM's restore
     swm_fused.sq_norm(flat_src, scale=flat_avg)
+    bands = torch.rand(2, len(shapes), 2, dtype=torch.float64, device=device)
+    swm_fused.ties_merge_(out, [avg, src], [0.7, -0.4], base=saved, thresholds=bands, normalize=True, scale=0.9)
+    swm_fused.ties_merge_(out, [avg, src, sq], [0.5, 1.0, 0.25], majority_sign="count", task_vectors=True)
+    swm_fused.ties_merge_(flat_avg, [flat_src, flat_avg], [0.5, 0.5], majority_sign=None)
+    u = [torch.rand(s, device=device) for s in shapes]
+    swm_fused.dare_drop_(avg, u, 0.3)
+    swm_fused.dare_drop_(avg, u, [t.double() * 0.5 + 0.25 for t in u], rescale=False)
 
 
 @pytest.mark.parametrize("row", rows(), ids=row_id)

@@ -137,6 +137,29 @@ void store(const Operand& t, int64_t begin, int64_t n, const C* values) {
   }
 }
 
+// Stores compute-type values into any written dtype: `store` expects float64 tensors to take
+// double values and the others float ones (double values into a narrower type go through float,
+// as torch's conversions do).
+template <typename C>
+void store_any(const Operand& t, int64_t begin, int64_t n, const C* values) {
+  if constexpr (std::is_same_v<C, double>) {
+    if (t.dtype != at::kDouble) {
+      alignas(64) float narrow[kBlock];
+      for (int64_t i = 0; i < n; ++i) narrow[i] = static_cast<float>(values[i]);
+      store<float>(t, begin, n, narrow);
+      return;
+    }
+  } else {
+    if (t.dtype == at::kDouble) {
+      alignas(64) double wide[kBlock];
+      for (int64_t i = 0; i < n; ++i) wide[i] = values[i];
+      store<double>(t, begin, n, wide);
+      return;
+    }
+  }
+  store<C>(t, begin, n, values);
+}
+
 // a <- lerp(a, s, w) with torch's vectorised formula, so float32 results match torch.lerp bit
 // for bit: fma(w, s - a, a) when |w| < 0.5, else fma(w - 1, s - a, s).
 template <typename C>

@@ -8,29 +8,6 @@
 namespace swm_fused::cpu {
 namespace {
 
-// Stores compute-type values into any written dtype: `store` expects float64 tensors to take
-// double values and the others float ones (double values into a narrower type go through float,
-// as torch's conversions do).
-template <typename C>
-void store_any(const Operand& t, int64_t begin, int64_t n, const C* values) {
-  if constexpr (std::is_same_v<C, double>) {
-    if (t.dtype != at::kDouble) {
-      alignas(64) float narrow[kBlock];
-      for (int64_t i = 0; i < n; ++i) narrow[i] = static_cast<float>(values[i]);
-      store<float>(t, begin, n, narrow);
-      return;
-    }
-  } else {
-    if (t.dtype == at::kDouble) {
-      alignas(64) double wide[kBlock];
-      for (int64_t i = 0; i < n; ++i) wide[i] = values[i];
-      store<double>(t, begin, n, wide);
-      return;
-    }
-  }
-  store<C>(t, begin, n, values);
-}
-
 template <typename C>
 void ascent_range(const Operand& param, const Operand& grad, const Operand& saved, int64_t lo, int64_t hi, C scale,
                   bool adaptive, bool perturb) {

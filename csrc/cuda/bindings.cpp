@@ -3,7 +3,8 @@
 // by csrc/validate.h (csrc/checks.cpp puts it in front of every call): one device, matching shapes,
 // kernel dtypes for written tensors, floating ones for read tensors, one-element flag tensors.
 // Nothing here synchronises with the host: found_inf and weight_tensor are handed to the kernels as
-// device pointers.
+// device pointers, and ties_merge_'s table of input pointers goes to the device from pinned memory,
+// asynchronously on the current stream.
 //
 // Slower but correct paths, all through stream-ordered torch ops:
 //   * a non-contiguous tensor runs through a contiguous temporary (written ones are copied back);
@@ -21,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -358,6 +360,110 @@ void sam_ascent_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   ss.finish();
 }
 
+// `words` on `device` without synchronising: a pinned host copy sent on the current stream (torch's caching host
+// allocator keeps the pinned block until the copy is done); on the CPU (the emulated build), the host tensor.
+Tensor device_words(const std::vector<int64_t>& words, const at::Device& device) {
+  const bool cuda = device.is_cuda();
+  Tensor host = at::empty({static_cast<int64_t>(words.size())},
+                          at::TensorOptions().dtype(at::kLong).pinned_memory(cuda));
+  std::copy(words.begin(), words.end(), host.data_ptr<int64_t>());
+  return cuda ? host.to(at::TensorOptions().dtype(at::kLong).device(device), /*non_blocking=*/true) : host;
+}
+
+// inputs is k-major: inputs[k * n + i] pairs with out[i]. A position whose inputs and base share one kernel dtype
+// runs on them directly; otherwise they are converted to its compute type first (the kernel would convert each
+// element to it anyway). The weights and each position's K input pointers go to the device as one small table,
+// so K is bounded by nothing in the kernel arguments.
+void ties_merge_cuda(at::TensorList out, at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList base,
+                     const std::optional<Tensor>& thresholds, c10::string_view majority_sign, bool normalize,
+                     double scale, bool task_vectors) {
+  const size_t n = out.size(), k_total = weights.size();
+  if (n == 0) return;
+  const at::Device device = out[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const bool has_base = !base.empty();
+  Outputs outs(out);
+  Inputs reads(inputs.size() + base.size());
+  std::vector<int64_t> words(k_total * (n + 1));  // K weights (float64 bits), then K input pointers per position
+  std::memcpy(words.data(), weights.data(), k_total * sizeof(double));
+  std::vector<int64_t> numels(n);
+  std::vector<void*> out_ptrs(n);
+  std::vector<const void*> base_ptrs(n, nullptr), rows(n), band_ptrs(n, nullptr);
+  std::vector<int32_t> out_codes(n), in_codes(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::ScalarType first = inputs[i].scalar_type();
+    bool shared = dtype_code(first) >= 0 && (!has_base || base[i].scalar_type() == first);
+    bool wide = outs[i].scalar_type() == at::kDouble || (has_base && base[i].scalar_type() == at::kDouble);
+    for (size_t k = 0; k < k_total; ++k) {
+      shared = shared && inputs[k * n + i].scalar_type() == first;
+      wide = wide || inputs[k * n + i].scalar_type() == at::kDouble;
+    }
+    const at::ScalarType ct = wide ? at::kDouble : at::kFloat;
+    for (size_t k = 0; k < k_total; ++k) {
+      const Tensor& x = inputs[k * n + i];
+      words[k_total * (i + 1) + k] = reinterpret_cast<int64_t>(reads.add(shared ? x : x.to(ct), ct).const_data_ptr());
+    }
+    if (has_base) base_ptrs[i] = reads.add(shared ? base[i] : base[i].to(ct), ct).const_data_ptr();
+    numels[i] = outs[i].numel();
+    out_ptrs[i] = outs[i].data_ptr();
+    out_codes[i] = dtype_code(outs[i].scalar_type());
+    in_codes[i] = dtype_code(shared ? first : ct);
+  }
+  const Tensor table = device_words(words, device);
+  const int64_t* table_dev = table.const_data_ptr<int64_t>();
+  for (size_t i = 0; i < n; ++i) rows[i] = table_dev + k_total * (i + 1);
+  Tensor bands;  // (N, K, 2) float64: position i's (lo, hi) pairs are one row; float64 holds any threshold exactly
+  if (thresholds.has_value()) {
+    bands = thresholds->to(at::kDouble).permute({1, 0, 2}).contiguous();
+    for (size_t i = 0; i < n; ++i) band_ptrs[i] = bands.const_data_ptr<double>() + 2 * k_total * i;
+  }
+  const int32_t election = majority_sign == "sum" ? 0 : majority_sign == "count" ? 1 : 2;
+  C10_CUDA_CHECK(launch_ties_merge(static_cast<int64_t>(n), numels.data(), out_ptrs.data(), out_codes.data(),
+                                   base_ptrs.data(), rows.data(), in_codes.data(), band_ptrs.data(),
+                                   static_cast<int32_t>(k_total), reinterpret_cast<const double*>(table_dev),
+                                   election, normalize, scale, has_base, has_base && !task_vectors,
+                                   c10::cuda::getCurrentCUDAStream()));
+  outs.finish();
+}
+
+// u and per-element keep probabilities reach the kernels as float32 or float64 (other dtypes are converted to
+// float32, exactly); the comparison and the division run in float64.
+void dare_drop_cuda(at::TensorList deltas, at::TensorList u, at::TensorList keep_prob, double p, bool rescale) {
+  const size_t n = deltas.size();
+  if (n == 0) return;
+  const at::Device device = deltas[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const bool per_element = !keep_prob.empty();
+  Outputs ds(deltas);
+  Inputs reads(2 * n);
+  auto wide_or_float = [&](const Tensor& t) {
+    const bool kept = t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+    return reads.add(kept ? t : t.to(at::kFloat), at::kFloat);
+  };
+  std::vector<int64_t> numels(n);
+  std::vector<void*> delta_ptrs(n);
+  std::vector<const void*> u_ptrs(n), p_ptrs(per_element ? n : 0);
+  std::vector<int32_t> delta_codes(n), u_codes(n), p_codes(per_element ? n : 0);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor uu = wide_or_float(u[i]);
+    numels[i] = ds[i].numel();
+    delta_ptrs[i] = ds[i].data_ptr();
+    delta_codes[i] = dtype_code(ds[i].scalar_type());
+    u_ptrs[i] = uu.const_data_ptr();
+    u_codes[i] = dtype_code(uu.scalar_type());
+    if (per_element) {
+      const Tensor pp = wide_or_float(keep_prob[i]);
+      p_ptrs[i] = pp.const_data_ptr();
+      p_codes[i] = dtype_code(pp.scalar_type());
+    }
+  }
+  C10_CUDA_CHECK(launch_dare_drop(static_cast<int64_t>(n), numels.data(), delta_ptrs.data(), delta_codes.data(),
+                                  u_ptrs.data(), u_codes.data(), per_element ? p_ptrs.data() : nullptr,
+                                  per_element ? p_codes.data() : nullptr, p, rescale,
+                                  c10::cuda::getCurrentCUDAStream()));
+  ds.finish();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(swm_fused, CUDA, m) {
@@ -368,6 +474,8 @@ TORCH_LIBRARY_IMPL(swm_fused, CUDA, m) {
   m.impl("any_nonfinite", &any_nonfinite_cuda);
   m.impl("sq_norm", &sq_norm_cuda);
   m.impl("sam_ascent_", &sam_ascent_cuda);
+  m.impl("ties_merge_", &ties_merge_cuda);
+  m.impl("dare_drop_", &dare_drop_cuda);
 }
 
 }  // namespace swm_fused_cuda

@@ -103,28 +103,14 @@ cudaError_t launch_merge(int64_t n, const int64_t* numels, void* const* outs, co
     return kk < k_inputs ? const_cast<void*>(inputs[kk * n + i]) : nullptr;
   };
   const bool has_acc = accs != nullptr;
-  cudaError_t err = cudaSuccess;
-  for (int32_t o = 0; o < 4; ++o) {
-    for (int32_t s = 0; s < 4; ++s) {
-      if (groups[o][s].empty() || err != cudaSuccess) continue;
-      dispatch_dtype(o, [&](auto out_tag) {
-        dispatch_dtype(s, [&](auto in_tag) {
-          using OutT = typename decltype(out_tag)::type;
-          using InT = typename decltype(in_tag)::type;
-          // Table depth follows K, so small merges pack more tensors per launch.
-          if (k_inputs <= 2) {
-            err = run_merge<OutT, InT, 2>(groups[o][s], numels, pointer, has_acc, k_inputs, weights, stream);
-          } else if (k_inputs <= 4) {
-            err = run_merge<OutT, InT, 4>(groups[o][s], numels, pointer, has_acc, k_inputs, weights, stream);
-          } else {
-            err = run_merge<OutT, InT, kMaxMergeInputs>(groups[o][s], numels, pointer, has_acc, k_inputs, weights,
-                                                        stream);
-          }
-        });
-      });
-    }
-  }
-  return err;
+  return for_each_dtype_pair(groups, [&](auto out_tag, auto in_tag, const std::vector<int64_t>& members) {
+    using OutT = typename decltype(out_tag)::type;
+    using InT = typename decltype(in_tag)::type;
+    // Table depth follows K, so small merges pack more tensors per launch.
+    if (k_inputs <= 2) return run_merge<OutT, InT, 2>(members, numels, pointer, has_acc, k_inputs, weights, stream);
+    if (k_inputs <= 4) return run_merge<OutT, InT, 4>(members, numels, pointer, has_acc, k_inputs, weights, stream);
+    return run_merge<OutT, InT, kMaxMergeInputs>(members, numels, pointer, has_acc, k_inputs, weights, stream);
+  });
 }
 
 }  // namespace swm_fused_cuda

@@ -90,6 +90,24 @@ cudaError_t launch_sam_ascent(int64_t n, const int64_t* numels, void* const* par
                               const int32_t* saved_dtypes, const double* scale_dev, bool adaptive,
                               const float* found_inf_dev, cudaStream_t stream);
 
+// out[i] <- ties_merge_ of position i (docs/design.md): in_rows[i] is a device array of the k_inputs input pointers
+// of position i, all of dtype in_dtypes[i]; bases[i] (same dtype) is read when has_base; bands[i] is a device array
+// of 2 * k_inputs float64 (lo, hi per input), or nullptr (no trim); weights_dev is a device array of k_inputs
+// float64. election: 0 "sum", 1 "count", 2 "none". Computes in float64 when out or the inputs are float64, else
+// float32; out may be the base or one of the inputs. k_inputs >= 1.
+cudaError_t launch_ties_merge(int64_t n, const int64_t* numels, void* const* outs, const int32_t* out_dtypes,
+                              const void* const* bases, const void* const* in_rows, const int32_t* in_dtypes,
+                              const void* const* bands, int32_t k_inputs, const double* weights_dev,
+                              int32_t election, bool normalize, double scale, bool has_base, bool subtract_base,
+                              cudaStream_t stream);
+
+// deltas[i] <- u < p ? (rescale ? delta / p : delta) : 0, compared and divided in float64, rounded once at the
+// store (through float32 into 16-bit deltas). p is keep_probs[i]'s element (float32 or float64: prob_dtypes[i])
+// or, when keep_probs is nullptr, the number p. us[i] is float32 or float64 (u_dtypes[i]).
+cudaError_t launch_dare_drop(int64_t n, const int64_t* numels, void* const* deltas, const int32_t* delta_dtypes,
+                             const void* const* us, const int32_t* u_dtypes, const void* const* keep_probs,
+                             const int32_t* prob_dtypes, double p, bool rescale, cudaStream_t stream);
+
 }  // namespace swm_fused_cuda
 
 #if defined(__CUDACC__)
@@ -139,6 +157,8 @@ __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, 
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 
 // torch's lerp (aten/src/ATen/native/Lerp.h), with the fma its CUDA build contracts to:
 // d = e - a;  |w| < 0.5 ? fma(w, d, a) : fma(w - 1, d, e).
@@ -329,6 +349,21 @@ template <typename F> bool dispatch_dtype(int32_t code, F&& f) {
 }
 
 inline bool valid_dtype(int32_t code) { return code >= kFloat32 && code <= kFloat16; }
+
+// f(Tag<A>{}, Tag<B>{}, members) for every non-empty groups[a][b] of a grid of dtype codes (a: the written
+// tensors', b: the read ones'), in order, until f returns an error; returns that error or cudaSuccess.
+template <typename F> cudaError_t for_each_dtype_pair(const std::vector<int64_t> (&groups)[4][4], F&& f) {
+  cudaError_t err = cudaSuccess;
+  for (int32_t a = 0; a < 4; ++a) {
+    for (int32_t b = 0; b < 4; ++b) {
+      if (groups[a][b].empty() || err != cudaSuccess) continue;
+      dispatch_dtype(a, [&](auto a_tag) {
+        dispatch_dtype(b, [&](auto b_tag) { err = f(a_tag, b_tag, groups[a][b]); });
+      });
+    }
+  }
+  return err;
+}
 
 }  // namespace swm_fused_cuda
 

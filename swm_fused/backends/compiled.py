@@ -20,7 +20,8 @@ except ImportError as exc:
     IMPORT_ERROR = f"extension not built: {exc}"
 
 # The ops with device kernels (the check_* ops have one kernel for every device).
-KERNEL_OPS = ("lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite", "sq_norm", "sam_ascent_")
+KERNEL_OPS = ("lerp_", "lerp_multi_", "swag_", "merge_", "any_nonfinite", "sq_norm", "sam_ascent_", "ties_merge_",
+              "dare_drop_")
 
 
 def has_kernels(dispatch_key: str) -> bool:
@@ -66,3 +67,16 @@ def sam_ascent_(params: List[Tensor], grads: List[Tensor], saved: List[Tensor], 
                 found_inf: Optional[Tensor]) -> None:
     """saved <- w; w <- w + ((w*w if adaptive else 1) * g) * scale, one pass; w unchanged when found_inf != 0."""
     torch.ops.swm_fused.sam_ascent_(params, grads, saved, scale, adaptive, found_inf)
+
+
+def ties_merge_(outs: List[Tensor], inputs: Sequence[List[Tensor]], weights: List[float], base: List[Tensor],
+                thresholds: Optional[Tensor], majority_sign: str, normalize: bool, scale: float,
+                task_vectors: bool) -> None:
+    """out <- base + scale * TIES(inputs): sign election, masked sum (and mean), one pass; see the reference."""
+    torch.ops.swm_fused.ties_merge_(outs, list(itertools.chain.from_iterable(inputs)), weights, base, thresholds,
+                                    majority_sign, normalize, scale, task_vectors)  # k-major
+
+
+def dare_drop_(deltas: List[Tensor], u: List[Tensor], keep_prob: List[Tensor], p: float, rescale: bool) -> None:
+    """delta <- [u < p] * (delta / p if rescale else delta), in place, one pass; p = keep_prob[i] or the number p."""
+    torch.ops.swm_fused.dare_drop_(deltas, u, keep_prob, p, rescale)

@@ -19,9 +19,15 @@ Primitives (shared by every backend):
         (float64 when any tensor is float64, else float32)
     sam_ascent_(params, grads, saved, scale, adaptive, found_inf)
         saved <- w;  w <- w + ((w*w if adaptive else 1) * g) * scale  (w unchanged when found_inf != 0)
+    ties_merge_(outs, inputs, weights, base, thresholds, majority_sign, normalize, scale, task_vectors)
+        out <- base + scale * mixed, mixed = TIES' elected, masked (and normalized) sum of the trimmed
+        task vectors w_k * (inputs[k] - base)   (see ties_merge_ below for every step)
+    dare_drop_(deltas, u, keep_prob, p, rescale)
+        delta <- [u < p] * (delta / p if rescale else delta), p = keep_prob[i] (empty list: the number p)
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -129,3 +135,69 @@ def sam_ascent_(params: Sequence[Tensor], grads: Sequence[Tensor], saved: Sequen
         new = w + e * scale.reshape(()).to(ct)
         s.copy_(w)
         _store(p, new, found_inf)
+
+
+def merge_compute_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """ties_merge_'s compute dtype of one position: float64 when any of its tensors is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def ties_merge_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]], weights: Sequence[float],
+                base: Sequence[Tensor], thresholds: Optional[Tensor], majority_sign: str, normalize: bool,
+                scale: float, task_vectors: bool) -> None:
+    """TIES' trim, sign election and disjoint (mean) merge, element by element, in position i's compute dtype:
+
+    d_k = inputs[k] - base (inputs[k] when there is no base or ``task_vectors``); x_k = w_k * d_k where
+    lo_k <= |d_k| < hi_k (hi_k = +inf: no upper bound; compared exactly), else 0; E = sum_k x_k ("sum") or
+    sum_k sign(x_k) ("count", sign(0) = sign(NaN) = 0), added in order k; kept_k = x_k > 0 where E >= 0, else
+    x_k < 0 (every k for "none"); M = sum_k kept_k x_k, D = sum_k kept_k w_k (from 0, in order k); mixed = M / D
+    (D = 0 read as 1) with ``normalize``, else M; out = base + scale * mixed (scale * mixed without a base).
+    Each task vector is computed twice (election, then sums), so one is alive at a time.
+    """
+    k_total = len(weights)
+    torch.ops.swm_fused.check_ties_merge_(outs, [t for x in inputs for t in x], k_total, base, thresholds,
+                                          majority_sign)
+    for i, out in enumerate(outs):
+        ct = merge_compute_dtype([out, *(x[i] for x in inputs), *base[i:i + 1]])
+        b = base[i].to(ct) if len(base) else None
+
+        def term(k: int) -> Tensor:
+            d = inputs[k][i].to(ct)
+            if b is not None and not task_vectors:
+                d = d - b
+            x = d * weights[k]
+            if thresholds is None:
+                return x
+            lo, hi = thresholds[k, i, 0].double(), thresholds[k, i, 1].double()
+            magnitude = d.abs().double()
+            return torch.where((magnitude >= lo) & ((magnitude < hi) | (hi == math.inf)), x, 0.0)
+
+        votes = torch.zeros(out.shape, dtype=ct, device=out.device)
+        if majority_sign != "none":
+            for k in range(k_total):
+                x = term(k)
+                votes = votes + (x if majority_sign == "sum" else (x > 0).to(ct) - (x < 0).to(ct))
+        positive = votes >= 0
+        mixed = torch.zeros_like(votes)
+        divisor = torch.zeros_like(votes)
+        for k in range(k_total):
+            x = term(k)
+            kept = torch.where(positive, x > 0, x < 0) if majority_sign != "none" else torch.ones_like(positive)
+            mixed = mixed + torch.where(kept, x, 0.0)
+            divisor = divisor + kept.to(ct) * weights[k]  # w_k or 0: the weights are finite
+        if normalize:
+            mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+        result = mixed * scale
+        out.copy_(result if b is None else b + result)  # every input was read above: out may alias them
+
+
+def dare_drop_(deltas: Sequence[Tensor], u: Sequence[Tensor], keep_prob: Sequence[Tensor], p: float,
+               rescale: bool) -> None:
+    """Each kept value (u < p, compared exactly) is ``delta / p`` in float64 (``delta`` without ``rescale``),
+    rounded once into the delta's dtype (through float32 into 16-bit dtypes, as torch converts float64)."""
+    torch.ops.swm_fused.check_dare_drop_(deltas, u, keep_prob)
+    for i, delta in enumerate(deltas):
+        keep_i = keep_prob[i].double() if len(keep_prob) else p
+        d = delta.double()
+        value = d / keep_i if rescale else d
+        delta.copy_(torch.where(u[i].double() < keep_i, value, 0.0))

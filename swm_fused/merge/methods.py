@@ -19,9 +19,9 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import torch
 from torch import Tensor
 
-from ..ops import merge_
+from ..ops import merge_, ties_merge_
 from .common import MergeParameterError, normalized
-from .kernels import MAJORITY_SIGNS, RESCALES, compute_dtype, drop_and_rescale_, ties_elect_and_sum, uniform
+from .kernels import MAJORITY_SIGNS, RESCALES, compute_dtype, drop_and_rescale_, uniform
 
 # --------------------------------------------------------------------------- the methods and their parameters
 
@@ -404,10 +404,11 @@ def _parameter_name(spec: MethodSpec, raw: Any, model: Optional[int] = None) -> 
 
 # --------------------------------------------------------------------------- the per-tensor math
 
-def _kth_largest(values: Tensor, m: int) -> float:
-    """The m-th largest of ``values`` (flattened), 1 <= m <= numel: a selection, not a sort."""
+def _kth_largest(values: Tensor, m: int) -> Tensor:
+    """The m-th largest of ``values`` (flattened), 1 <= m <= numel, as a 0-d tensor on their device (no host
+    sync): a selection, not a sort."""
     flat = values.reshape(-1)
-    return float(torch.kthvalue(flat, flat.numel() - m + 1).values)
+    return torch.kthvalue(flat, flat.numel() - m + 1).values
 
 
 def _count(fraction: float, n: int) -> int:
@@ -415,15 +416,16 @@ def _count(fraction: float, n: int) -> int:
     return int(math.floor(fraction * n + 0.5))
 
 
-def magnitude_threshold(magnitudes: Tensor, density: float) -> float:
-    """TIES' trim: the k-th largest ``|delta|`` with ``k = round(density * n)`` (at least 1); keep ``|delta| >= it``."""
+def magnitude_threshold(magnitudes: Tensor, density: float) -> Tensor:
+    """TIES' trim: the k-th largest ``|delta|`` with ``k = round(density * n)`` (at least 1), a 0-d tensor; keep
+    ``|delta| >= it``."""
     n = magnitudes.numel()
     k = min(max(_count(density, n), 1), n)
     return _kth_largest(magnitudes, k)
 
 
-def breadcrumbs_thresholds(magnitudes: Tensor, density: float, gamma: float) -> Tuple[float, float]:
-    """Breadcrumbs' band ``(lo, hi)``: keep ``lo <= |delta| < hi``.
+def breadcrumbs_thresholds(magnitudes: Tensor, density: float, gamma: float) -> Tuple[Tensor, Tensor]:
+    """Breadcrumbs' band ``(lo, hi)`` as 0-d tensors: keep ``lo <= |delta| < hi``.
 
     ``n_top = round(gamma * n)`` (at most n - 1) largest entries go, then
     ``k = round(density * n)`` (at least 1, at most n - n_top) are kept: ``hi`` is the n_top-th
@@ -432,7 +434,7 @@ def breadcrumbs_thresholds(magnitudes: Tensor, density: float, gamma: float) -> 
     n = magnitudes.numel()
     n_top = min(_count(gamma, n), n - 1)
     k = min(max(_count(density, n), 1), n - n_top)
-    hi = _kth_largest(magnitudes, n_top) if n_top > 0 else math.inf
+    hi = _kth_largest(magnitudes, n_top) if n_top > 0 else magnitudes.new_full((), math.inf)
     lo = _kth_largest(magnitudes, n_top + k)
     return lo, hi
 
@@ -458,18 +460,18 @@ def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> T
 
 
 class TaskVectors:
-    """The K sparsified task vectors of one tensor, computed on access (a lazy sequence).
+    """The K task vectors of one tensor, ``theta_i - theta_base`` in the compute dtype, and their sparsification.
 
-    Item i is ``sparsify_i(theta_i - theta_base)`` in the compute dtype; its thresholds are found
-    once (:meth:`prepare`) and its random draws are re-drawn from the same seed, so reading an
-    item twice gives the same tensor and only one task vector is alive at a time.
+    Magnitude sparsifiers (ties, breadcrumbs) keep each model's entries within a band of |delta| that
+    :meth:`thresholds` finds (one selection per model); the fused merge then reads the models themselves.
+    Random sparsifiers (dare, della) need each task vector dropped and rescaled first: item i is that
+    tensor, drawn from the same seed whenever it is read.
     """
 
     def __init__(self, spec: MethodSpec, key: str, base: Tensor, models: Sequence[Tensor],
                  params: TensorParams, seed: Optional[int], dtype: torch.dtype):
         self.spec, self.key, self.base, self.models = spec, key, base, models
         self.params, self.seed, self.dtype = params, seed, dtype
-        self._thresholds: List[Any] = [None] * len(models)
 
     def __len__(self) -> int:
         return len(self.models)
@@ -477,41 +479,42 @@ class TaskVectors:
     def delta(self, i: int) -> Tensor:
         return torch.sub(self.models[i].to(self.dtype), self.base)
 
-    def prepare(self) -> None:
-        """Find every model's magnitude thresholds (one selection each), before any accumulation."""
-        if self.spec.sparsify not in ("magnitude", "magnitude_outliers"):
-            return
+    def trims(self, i: int) -> bool:
+        """Whether model i's task vector is sparsified at all (density < 1 and a non-empty tensor)."""
+        return self.spec.sparsify is not None and self.params.models[i]["density"] < 1.0 and self.base.numel() > 0
+
+    def thresholds(self) -> Optional[Tensor]:
+        """ties_merge_'s (K, 1, 2) bands [lo, hi) of kept |delta| for a magnitude sparsifier, on the tensors'
+        device (models that keep everything get [-inf, inf)); None when no model is trimmed."""
+        if self.spec.sparsify not in ("magnitude", "magnitude_outliers") or not any(map(self.trims, range(len(self)))):
+            return None
+        bands = torch.empty((len(self), 1, 2), dtype=self.dtype, device=self.base.device)
+        bands[:, :, 0], bands[:, :, 1] = -math.inf, math.inf
         for i, params in enumerate(self.params.models):
-            if params["density"] >= 1.0 or self.base.numel() == 0:
+            if not self.trims(i):
                 continue
             magnitudes = self.delta(i).abs_()
             if self.spec.sparsify == "magnitude":
-                self._thresholds[i] = (magnitude_threshold(magnitudes, params["density"]), math.inf)
+                bands[i, 0, 0] = magnitude_threshold(magnitudes, params["density"])
             else:
-                self._thresholds[i] = breadcrumbs_thresholds(magnitudes, params["density"], params["gamma"])
+                lo, hi = breadcrumbs_thresholds(magnitudes, params["density"], params["gamma"])
+                bands[i, 0, 0], bands[i, 0, 1] = lo, hi
             del magnitudes
+        return bands
 
     def __getitem__(self, i: int) -> Tensor:
+        """Task vector i, dropped and rescaled when a random sparsifier trims it (a new tensor each time)."""
         if not 0 <= i < len(self.models):
             raise IndexError(i)
         delta = self.delta(i)
-        params = self.params.models[i]
-        density = params["density"] if self.spec.sparsify else 1.0
-        if density >= 1.0 or delta.numel() == 0:
+        if not self.spec.random or not self.trims(i):
             return delta
-        if self.spec.sparsify in ("magnitude", "magnitude_outliers"):
-            lo, hi = self._thresholds[i]
-            magnitudes = delta.abs()
-            keep = magnitudes >= lo
-            if hi != math.inf:
-                keep &= magnitudes < hi
-            del magnitudes
-            return delta.mul_(keep)
+        params = self.params.models[i]
         u = uniform(self.seed, self.key, i, delta.shape, delta.device)
         rescale = self.params.general["rescale"]
         if self.spec.sparsify == "random":
-            return drop_and_rescale_(delta, u, density, rescale)
-        p = della_keep_probabilities(delta, density, params["epsilon"])
+            return drop_and_rescale_(delta, u, params["density"], rescale)
+        p = della_keep_probabilities(delta, params["density"], params["epsilon"])
         return drop_and_rescale_(delta, u, p, rescale)
 
 
@@ -543,23 +546,16 @@ def merge_tensor(plan: Plan, key: str, params: TensorParams, base: Optional[Tens
         return slerp_tensor(ends[0], ends[1], params.general["t"], out_dtype, cdtype)
     if spec.name == "model_stock":
         return model_stock_tensor(base, models, params.general["filter_wise"], out_dtype, cdtype)
+    # Every other method is one ties_merge_ pass over the models (or, when dropped at random, over their
+    # sparsified task vectors): trim, elect (consensus methods), weighted sum, base + lambda * mixed.
     vectors = TaskVectors(spec, key, base, models, params, plan.seed, cdtype)
-    vectors.prepare()
-    if spec.consensus:
-        mixed, divisor = ties_elect_and_sum(vectors, weights, params.general["majority_sign"])
-        if params.general["normalize"]:
-            mixed.div_(torch.where(divisor == 0, torch.ones((), dtype=cdtype, device=device), divisor))
-        del divisor
-    else:
-        mixed = torch.zeros(base.shape, dtype=cdtype, device=device)
-        for i, w in enumerate(weights):
-            mixed.add_(vectors[i], alpha=w)
-        if params.general["normalize"]:
-            mixed.div_(math.fsum(weights))
-    lam = params.general["lambda"]
-    if lam != 1.0:
-        mixed.mul_(lam)
-    return mixed.add_(base).to(out_dtype)
+    dropped = spec.random and any(map(vectors.trims, range(len(vectors))))
+    inputs = [vectors[i] for i in range(len(vectors))] if dropped else list(models)
+    out = torch.empty(base.shape, dtype=out_dtype, device=device)
+    ties_merge_(out, [[x] for x in inputs], weights, base=base, thresholds=vectors.thresholds(),
+                majority_sign=params.general["majority_sign"] if spec.consensus else None,
+                normalize=params.general["normalize"], scale=params.general["lambda"], task_vectors=dropped)
+    return out
 
 
 SLERP_LERP_ABOVE = 0.9995  # |cos| above this: the ends are (anti)parallel, and slerp falls back to lerp

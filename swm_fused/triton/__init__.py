@@ -33,6 +33,8 @@ else:
     from .lerp import lerp_ as _lerp_launch
     from .lerp import lerp_multi_ as _lerp_multi_launch
     from .merge import merge_ as _merge_launch
+    from .merge_sparse import dare_drop_ as _dare_drop_launch
+    from .merge_sparse import ties_merge_ as _ties_merge_launch
     from .sam_ascent import sam_ascent_ as _sam_ascent_launch
     from .sq_norm import sq_norm as _sq_norm_launch
     from .swag import swag_ as _swag_launch
@@ -86,6 +88,18 @@ else:
                        adaptive: bool, found_inf: Optional[Tensor]) -> None:
         _sam_ascent_launch(params, grads, saved, scale.reshape(()).to(torch.float64), adaptive, _as_flag(found_inf))
 
+    @torch.library.custom_op("swm_fused_triton::ties_merge_", mutates_args=("outs",))
+    def _ties_merge_op(outs: List[Tensor], inputs: List[Tensor], weights: List[float], base: List[Tensor],
+                       thresholds: Optional[Tensor], majority_sign: str, normalize: bool, scale: float,
+                       task_vectors: bool) -> None:
+        n = len(outs)
+        _ties_merge_launch(outs, [inputs[k * n:(k + 1) * n] for k in range(len(weights))], weights, base, thresholds,
+                           majority_sign, normalize, scale, task_vectors)
+
+    @torch.library.custom_op("swm_fused_triton::dare_drop_", mutates_args=("deltas",))
+    def _dare_drop_op(deltas: List[Tensor], u: List[Tensor], keep_prob: List[Tensor], p: float, rescale: bool) -> None:
+        _dare_drop_launch(deltas, u, keep_prob, p, rescale)
+
     def lerp_(avgs: List[Tensor], srcs: List[Tensor], weight: float, weight_tensor: Optional[Tensor],
               found_inf: Optional[Tensor]) -> None:
         """``avg <- lerp(avg, src, w)``, ``w = weight_tensor`` if given else ``weight``; one launch per dtype pair."""
@@ -126,6 +140,21 @@ else:
         """``saved <- w``; ``w <- w + ((w*w if adaptive) * g) * scale``; one launch per dtype triple."""
         torch.ops.swm_fused.check_sam_ascent_(params, grads, saved, scale, found_inf)
         _sam_ascent_op(params, grads, saved, scale, adaptive, found_inf)
+
+
+    def ties_merge_(outs: List[Tensor], inputs: List[List[Tensor]], weights: List[float], base: List[Tensor],
+                    thresholds: Optional[Tensor], majority_sign: str, normalize: bool, scale: float,
+                    task_vectors: bool) -> None:
+        """``out <- base + scale * TIES(inputs)`` in one pass; one launch per dtype group."""
+        flat_inputs = [t for x in inputs for t in x]  # k-major, like the compiled op
+        torch.ops.swm_fused.check_ties_merge_(outs, flat_inputs, len(weights), base, thresholds, majority_sign)
+        _ties_merge_op(outs, flat_inputs, list(weights), list(base), thresholds, majority_sign, normalize, scale,
+                       task_vectors)
+
+    def dare_drop_(deltas: List[Tensor], u: List[Tensor], keep_prob: List[Tensor], p: float, rescale: bool) -> None:
+        """``delta <- [u < p] * (delta / p if rescale else delta)`` in one pass; one launch per dtype group."""
+        torch.ops.swm_fused.check_dare_drop_(deltas, u, keep_prob)
+        _dare_drop_op(deltas, u, list(keep_prob), p, rescale)
 
 
 def unavailable_reason() -> str:

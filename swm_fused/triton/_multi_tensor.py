@@ -42,6 +42,8 @@ elements (FlatBuffer storages always are) gets alignment hints, hence 16-byte ve
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
                  torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+"""Runtime dtype codes of :func:`load_coded_column`, for columns whose dtype is not a launch constant."""
 
 
 @triton.jit
@@ -100,6 +102,20 @@ def load_column(row, index, offsets, mask, DTYPE: tl.constexpr, COMPUTE: tl.cons
         return bits.to(tl.float32, bitcast=True).to(COMPUTE)
     else:
         return tl.load(ptrs, mask=mask).to(COMPUTE)
+
+
+@triton.jit
+def load_coded_column(row, index, offsets, mask, code, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr):
+    """:func:`load_column` with the column's dtype given by a runtime :data:`DTYPE_CODES` code."""
+    if code == 0:
+        x = load_column(row, index, offsets, mask, tl.float32, COMPUTE, ALIGNED)
+    elif code == 1:
+        x = load_column(row, index, offsets, mask, tl.float64, COMPUTE, ALIGNED)
+    elif code == 2:
+        x = load_column(row, index, offsets, mask, tl.bfloat16, COMPUTE, ALIGNED)
+    else:
+        x = load_column(row, index, offsets, mask, tl.float16, COMPUTE, ALIGNED)
+    return x
 
 
 @triton.jit

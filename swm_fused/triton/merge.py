@@ -9,16 +9,13 @@ extras hold the K weights (float64 bits) and one dtype code per input, read in-k
 
 from typing import List, Sequence, Tuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._multi_tensor import (LAUNCH_OPTIONS, TRITON_DTYPES, build_launch, chunk_tile, compute_dtype,
-                            contiguous_operands, copy_back, float_bits, group_positions, load_column,
+from ._multi_tensor import (DTYPE_CODES, LAUNCH_OPTIONS, TRITON_DTYPES, build_launch, chunk_tile, compute_dtype,
+                            contiguous_operands, copy_back, float_bits, group_positions, load_coded_column,
                             store_column)
-
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 @triton.jit
@@ -26,16 +23,7 @@ def _weighted_input(row, offsets, mask, extras, k, K: tl.constexpr, COMPUTE: tl.
                     ALIGNED: tl.constexpr):
     """weights[k] * inputs[k] over the tile, in the compute type (the input's dtype is a runtime code)."""
     weight = tl.load(extras + k).to(tl.float64, bitcast=True).to(COMPUTE)
-    code = tl.load(extras + K + k)
-    if code == 0:
-        x = load_column(row, 1 + k, offsets, mask, tl.float32, COMPUTE, ALIGNED)
-    elif code == 1:
-        x = load_column(row, 1 + k, offsets, mask, tl.float64, COMPUTE, ALIGNED)
-    elif code == 2:
-        x = load_column(row, 1 + k, offsets, mask, tl.bfloat16, COMPUTE, ALIGNED)
-    else:
-        x = load_column(row, 1 + k, offsets, mask, tl.float16, COMPUTE, ALIGNED)
-    return weight * x
+    return weight * load_coded_column(row, 1 + k, offsets, mask, tl.load(extras + K + k), COMPUTE, ALIGNED)
 
 
 @triton.jit
@@ -62,7 +50,7 @@ def merge_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]], weights: 
     weight_bits = [float_bits(w) for w in weights]
     for (out_dtype, *input_dtypes), positions in group_positions([outs, *inputs]).items():
         launch = build_launch([[col[i] for i in positions] for col in (outs, *inputs)],
-                              extras=weight_bits + [_DTYPE_CODES[d] for d in input_dtypes])
+                              extras=weight_bits + [DTYPE_CODES[d] for d in input_dtypes])
         _merge_kernel[launch.grid](
             launch.tensor_table, launch.chunk_table, launch.n_chunks, launch.extras, K=len(inputs),
             OUT=TRITON_DTYPES[out_dtype], COMPUTE=compute_dtype(out_dtype),

@@ -3,7 +3,7 @@
 ``load()`` builds (or finds cached) the host build of csrc/cuda (see build.py) and returns an
 object shaped like a swm_fused backend module: ``NAME``, ``unavailable_reason()``, ``supports()``
 and the primitives of :mod:`swm_fused.backends.reference` (lerp_, lerp_multi_, swag_, merge_,
-any_nonfinite, sq_norm, sam_ascent_), with the same signatures and
+any_nonfinite, sq_norm, sam_ascent_, ties_merge_, dare_drop_), with the same signatures and
 semantics. The primitives call ``torch.ops.swm_fused_emu.*``: csrc/cuda/bindings.cpp's kernels,
 registered for CPU tensors, running the unchanged .cu kernels through the emulated launch.
 ``load()`` never raises; a failed build shows in ``unavailable_reason()``.
@@ -87,6 +87,22 @@ class EmulatedCudaBackend:
                     adaptive: bool, found_inf: Optional[Tensor]) -> None:
         """saved <- w; w <- w + ((w*w if adaptive) * g) * scale; w unchanged when found_inf != 0."""
         torch.ops.swm_fused_emu.sam_ascent_(list(params), list(grads), list(saved), scale, bool(adaptive), found_inf)
+
+    @staticmethod
+    def ties_merge_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]], weights: Sequence[float],
+                    base: Sequence[Tensor], thresholds: Optional[Tensor], majority_sign: str, normalize: bool,
+                    scale: float, task_vectors: bool) -> None:
+        """out <- base + scale * TIES(inputs): trim, sign election, masked sum (and mean), one pass."""
+        flat_inputs = list(itertools.chain.from_iterable(inputs))  # k-major, as the schema wants
+        torch.ops.swm_fused_emu.ties_merge_(list(outs), flat_inputs, [float(w) for w in weights], list(base),
+                                            thresholds, majority_sign, bool(normalize), float(scale),
+                                            bool(task_vectors))
+
+    @staticmethod
+    def dare_drop_(deltas: Sequence[Tensor], u: Sequence[Tensor], keep_prob: Sequence[Tensor], p: float,
+                   rescale: bool) -> None:
+        """delta <- [u < p] * (delta / p if rescale else delta); p = keep_prob[i] or, when it is empty, the number p."""
+        torch.ops.swm_fused_emu.dare_drop_(list(deltas), list(u), list(keep_prob), float(p), bool(rescale))
 
     # Self-test hooks of the emulation layer (not backend primitives).
     @staticmethod

@@ -191,6 +191,8 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
 
 // ---------------------------------------------------------------------------------------------------
 // 16-bit float types (cuda_fp16.h / cuda_bf16.h): storage plus the conversion intrinsics.
