@@ -305,7 +305,8 @@ def test_bound_step_equals_the_op_path_bit_for_bit(mode, flat, include_buffers, 
                                                                     want["n_updates"]) == (7, 2, 9)
     assert list(got["average"]) == list(want["average"])
     for name, tensor in got["average"].items():
-        assert torch.equal(tensor.reshape(-1).view(torch.uint8), want["average"][name].reshape(-1).view(torch.uint8)), name
+        want_bytes = want["average"][name].reshape(-1).view(torch.uint8)
+        assert torch.equal(tensor.reshape(-1).view(torch.uint8), want_bytes), name
     if include_buffers:
         assert int(got["average"]["1.num_batches_tracked"]) == 8  # not 9: the last step was skipped
 
