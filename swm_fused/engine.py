@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from . import dispatch as _dispatch
 from .distributed import fsdp_modules, local_shard, reshard_fsdp
 from .flat import FlatBuffer
-from .ops import BoundLists, _check_decay, any_nonfinite, ema_, ema_multi_, swa_, swag_
+from .ops import BoundLists, any_nonfinite, ema_, ema_multi_, swa_, swag_
+from .ops import _check_decay
 
 __all__ = ["AveragingEngine", "FlatParameters", "ModuleTensors", "StaleModelError", "flatten_parameters",
            "structure_epoch"]
