@@ -23,7 +23,6 @@ from torch import nn
 from torch.optim import swa_utils as torch_swa
 
 import host_time
-import swm_fused
 from swm_fused import swa_utils as ours_swa
 
 # (tensors, Linear width): every Linear holds 2 tensors

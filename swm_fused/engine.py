@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from . import dispatch as _dispatch
 from .distributed import fsdp_modules, local_shard, reshard_fsdp
 from .flat import FlatBuffer
-from .ops import BoundLists, _check_decay, any_nonfinite, ema_, ema_multi_, swa_, swag_
+from .ops import BoundLists, any_nonfinite, ema_, ema_multi_, swa_, swag_
+from .ops import _check_decay
 
 __all__ = ["AveragingEngine", "FlatParameters", "ModuleTensors", "StaleModelError", "flatten_parameters",
            "structure_epoch"]
@@ -246,6 +247,9 @@ class _FixedTensors:
 
     def tensors(self) -> List[Tensor]:
         return self._tensors
+
+
+_dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
 class _BoundStep:
@@ -533,14 +537,16 @@ class AveragingEngine:
         was bound under changed; False (nothing done) when the full :meth:`update` is needed.
 
         The checks, all O(1): not swapped; the same mode; ``decay`` a float in [0, 1] (EMA); no backend
-        forced and no ``tune()`` since binding; the model's structure epoch, sentinels and pairing
-        version as bound; then, in C++, the sources on the average's device and a flattened model's
-        storages holding exactly the references they held at binding (FlatParameters.intact).
+        forced and no ``tune()`` since binding; no ``TorchDispatchMode`` active (the bound CPU step calls
+        its kernels directly: under a mode the ops go through the dispatcher, where the mode sees them);
+        the model's structure epoch, sentinels and pairing version as bound; then, in C++, the sources
+        on the average's device and a flattened model's storages holding exactly the references they
+        held at binding (FlatParameters.intact).
         """
         fast = self._fast
         if fast is None or mode != fast.mode or self._stash is not None or _dispatch._forced.get() is not None \
                 or fast.tune_generation != _dispatch.TUNE_GENERATION[0] or self.source.version != fast.version \
-                or (fast.epoch is not None and fast.epoch != _EPOCH[0]):
+                or (fast.epoch is not None and fast.epoch != _EPOCH[0]) or _dispatch_modes():
             return False
         # SWM_FUSED_BACKEND unset (dispatch.environment_backend() inline: os.environ's own dict, see there)
         if _dispatch._ENV_DATA is None or os.environ is not _dispatch._ENVIRON \
@@ -761,7 +767,8 @@ class AveragingEngine:
         storages, pinned by reference count); None where it cannot be bound (DTensor or FSDP
         sources, offload staging, a backend other than the compiled one)."""
         self._fast = None
-        if not self._plain or self.source.fsdp or group.staging is not None or mode not in ("ema", "swa"):
+        if not self._plain or self.source.fsdp or group.staging is not None or mode not in ("ema", "swa") \
+                or _dispatch_modes():
             return None
         key = bound.bind_step(group.counts, swa=mode == "swa", skipped=self.skipped_tensor,
                               latest=group.latest.views if group.copied else (),

@@ -332,7 +332,8 @@ def test_bound_step_equals_the_op_path_bit_for_bit(mode, flat, include_buffers, 
                                                                     want["n_updates"]) == (7, 2, 9)
     assert list(got["average"]) == list(want["average"])
     for name, tensor in got["average"].items():
-        assert torch.equal(tensor.reshape(-1).view(torch.uint8), want["average"][name].reshape(-1).view(torch.uint8)), name
+        want_bytes = want["average"][name].reshape(-1).view(torch.uint8)
+        assert torch.equal(tensor.reshape(-1).view(torch.uint8), want_bytes), name
     if include_buffers:
         assert int(got["average"]["1.num_batches_tracked"]) == 8  # not 9: the last step was skipped
 
@@ -493,3 +494,35 @@ def test_bound_step_raises_what_the_validator_raises_first():
             _C.bound_step(key, 0.5, True)
         assert f"ema_: {got.value}" == str(plain.value), what
         assert counts.item() == 0 and all(not a.is_floating_point() or a.abs().sum() == 0 for a in avg), what
+
+
+def test_under_a_dispatch_mode_the_update_goes_through_the_dispatcher(monkeypatch):
+    """The bound CPU step calls its kernels directly; a TorchDispatchMode must still see the update's ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = _bound_calls(monkeypatch)
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = make_model()
+    averager = WeightAverager(model, mode="swa")
+    snaps = [set_weights(model, 0)]
+    averager.update()
+    assert len(calls) == 1
+    snaps.append(set_weights(model, 1))
+    with Recorder() as recorder:
+        averager.update()
+    assert len(calls) == 1 and any("swm_fused.lerp_" in op for op in recorder.ops), recorder.ops
+    snaps.append(set_weights(model, 2))
+    averager.update()
+    assert len(calls) == 2
+    expected = mean_of(snaps)
+    for name, view in averager.average_state_dict().items():
+        assert_close(view, expected[name], what=name, **TOL)
