@@ -42,6 +42,16 @@ except AttributeError:
     _ENV_DATA = None
 
 
+def automatic_choice() -> bool:
+    """True when neither ``use_backend()`` nor ``SWM_FUSED_BACKEND`` forces a backend (hot paths bound to the
+    automatic choice check this on every call, so it raises nothing inside)."""
+    if _forced.get() is not None:
+        return False
+    if _ENV_DATA is not None and os.environ is _ENVIRON and _ENV_DATA.get(_ENV_KEY) is None:
+        return True
+    return not os.environ.get(ENV_VAR)
+
+
 def environment_backend() -> Optional[str]:
     """The value of ``SWM_FUSED_BACKEND`` (None when unset or empty), read without raising inside."""
     if _ENV_DATA is not None and os.environ is _ENVIRON:

@@ -33,7 +33,6 @@ the full path, which checks everything and binds again.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -544,13 +543,9 @@ class AveragingEngine:
         held at binding (FlatParameters.intact).
         """
         fast = self._fast
-        if fast is None or mode != fast.mode or self._stash is not None or _dispatch._forced.get() is not None \
+        if fast is None or mode != fast.mode or self._stash is not None or not _dispatch.automatic_choice() \
                 or fast.tune_generation != _dispatch.TUNE_GENERATION[0] or self.source.version != fast.version \
                 or (fast.epoch is not None and fast.epoch != _EPOCH[0]) or _dispatch_modes():
-            return False
-        # SWM_FUSED_BACKEND unset (dispatch.environment_backend() inline: os.environ's own dict, see there)
-        if _dispatch._ENV_DATA is None or os.environ is not _dispatch._ENVIRON \
-                or _dispatch._ENV_DATA.get(_dispatch._ENV_KEY) is not None:
             return False
         for table, key, tensor in fast.sentinels:
             if table.get(key) is not tensor:
