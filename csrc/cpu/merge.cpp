@@ -20,6 +20,7 @@
 namespace swm_fused::cpu {
 namespace {
 
+constexpr int64_t kLineBytes = 64;
 // Inputs read together per line. Eight streams side by side ran fastest (four: 20% slower at K = 8).
 constexpr size_t kGroup = 8;
 // Elements per block of the buffered paths (a multiple of every line length): kGroup converted
@@ -30,20 +31,26 @@ constexpr int64_t kPrefetchBytes = 512;
 // A call that moves at least this many bytes streams its float32/float64 outputs past the caches.
 // Below it the output may well be read again from cache, and non-temporal stores would evict it.
 constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
-constexpr int64_t kLineBytes = 64;
 
-// 32 bytes of compute-type values: the SIMD width is explicit (AVX registers with -march of
-// x86-64-v3 or later, pairs of SSE/NEON registers otherwise) and the arithmetic is the scalar code's,
-// lane by lane: a product rounded, then a sum rounded (the build disables fp contraction).
+// Vectors of the target's width (32 bytes with AVX, 16 otherwise: SSE2, NEON) of compute-type
+// values: the SIMD width is explicit, and the arithmetic is the scalar code's, lane by lane: a
+// product rounded, then a sum rounded (the build disables fp contraction).
+#if defined(__AVX__)
+constexpr int64_t kVecBytes = 32;
+#else
+constexpr int64_t kVecBytes = 16;
+#endif
+constexpr int64_t kVecsPerLine = kLineBytes / kVecBytes;
+
 template <typename C>
 struct VecOf;
 template <>
 struct VecOf<float> {
-  typedef float type __attribute__((vector_size(32)));
+  typedef float type __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct VecOf<double> {
-  typedef double type __attribute__((vector_size(32)));
+  typedef double type __attribute__((vector_size(kVecBytes)));
 };
 template <typename C>
 using Vec = typename VecOf<C>::type;
@@ -60,7 +67,7 @@ template <typename C>
   std::memcpy(p, &v, sizeof v);
 }
 
-// Stores v to p (32-byte aligned) past the caches where the target has such stores.
+// Stores v to p (aligned to the vector) past the caches where the target has such stores.
 template <typename C>
 [[gnu::always_inline]] inline void stream_vec(C* p, Vec<C> v) {
 #if defined(SWM_FUSED_STREAM_STORES) && defined(__AVX__)
@@ -70,10 +77,11 @@ template <typename C>
     _mm256_stream_pd(p, (__m256d)v);
   }
 #elif defined(SWM_FUSED_STREAM_STORES)
-  __m128i halves[2];
-  std::memcpy(halves, &v, sizeof v);
-  _mm_stream_si128(reinterpret_cast<__m128i*>(p), halves[0]);
-  _mm_stream_si128(reinterpret_cast<__m128i*>(p) + 1, halves[1]);
+  if constexpr (std::is_same_v<C, float>) {
+    _mm_stream_ps(p, (__m128)v);
+  } else {
+    _mm_stream_pd(p, (__m128d)v);
+  }
 #else
   store_vec(p, v);
 #endif
@@ -94,32 +102,30 @@ enum class Dst { kRegular, kStream };
 // of a line is read before the line is written). With Dst::kStream, dst is 64-byte aligned.
 template <typename C, size_t G, bool kFromAcc, Dst kDst>
 void accumulate_lines(C* dst, const C* acc, const C* const* x, const C* w, int64_t n) {
-  constexpr int64_t kLane = 32 / sizeof(C), kLine = kLineBytes / sizeof(C), kAhead = kPrefetchBytes / sizeof(C);
+  constexpr int64_t kLane = kVecBytes / sizeof(C), kLine = kLineBytes / sizeof(C);
+  constexpr int64_t kAhead = kPrefetchBytes / sizeof(C);
   Vec<C> wv[G];
   for (size_t g = 0; g < G; ++g) wv[g] = Vec<C>{} + w[g];
   int64_t i = 0;
   for (; i + kLine <= n; i += kLine) {
     for (size_t g = 0; g < G; ++g) __builtin_prefetch(x[g] + i + kAhead, 0, 3);
-    Vec<C> a0, a1;
+    Vec<C> a[kVecsPerLine];
     size_t g = 0;
     if constexpr (kFromAcc) {
-      a0 = load(acc + i);
-      a1 = load(acc + i + kLane);
+      for (int64_t v = 0; v < kVecsPerLine; ++v) a[v] = load(acc + i + v * kLane);
     } else {
-      a0 = wv[0] * load(x[0] + i);
-      a1 = wv[0] * load(x[0] + i + kLane);
+      for (int64_t v = 0; v < kVecsPerLine; ++v) a[v] = wv[0] * load(x[0] + i + v * kLane);
       g = 1;
     }
     for (; g < G; ++g) {
-      a0 = a0 + wv[g] * load(x[g] + i);
-      a1 = a1 + wv[g] * load(x[g] + i + kLane);
+      for (int64_t v = 0; v < kVecsPerLine; ++v) a[v] = a[v] + wv[g] * load(x[g] + i + v * kLane);
     }
-    if constexpr (kDst == Dst::kStream) {
-      stream_vec(dst + i, a0);
-      stream_vec(dst + i + kLane, a1);
-    } else {
-      store_vec(dst + i, a0);
-      store_vec(dst + i + kLane, a1);
+    for (int64_t v = 0; v < kVecsPerLine; ++v) {
+      if constexpr (kDst == Dst::kStream) {
+        stream_vec(dst + i + v * kLane, a[v]);
+      } else {
+        store_vec(dst + i + v * kLane, a[v]);
+      }
     }
   }
   for (; i < n; ++i) {  // the last partial line
