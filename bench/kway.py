@@ -35,6 +35,7 @@ from cases import Case, build_data, copy_ceiling, providers, workload_shapes
 CPU = torch.device("cpu")
 QUICK_COPY_NUMEL = 1 << 22  # --quick: a 16 MB copy, so the smoke run stays quick (its numbers mean nothing)
 NAMES = ("copy", "torch:loop", "swm:cpp")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -77,9 +78,10 @@ class Rounds:
     """The three calls of one K; ``others()`` times the copy and the torch loop (one round's first part),
     ``ours()`` is the merge: pytest-benchmark times it, or ``run`` does."""
 
-    def __init__(self, k: int, quick: bool = False, seed: int = 0, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, k: int, quick: bool = False, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
+                 dtype: torch.dtype = torch.float32):
         self.clock = clock
-        self.case = Case("merge", "gpt2", torch.float32, k)
+        self.case = Case("merge", "gpt2", dtype, k)
         shapes = workload_shapes("gpt2", quick)
         self.data = build_data(self.case, shapes, CPU, seed=seed)
         self.copy, copy_bytes, self.copy_description = copy_ceiling(CPU, QUICK_COPY_NUMEL if quick else 1 << 26)
@@ -122,6 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="a few small tensors: a smoke run, numbers mean nothing")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="the models' and the output's dtype (bf16: 2(K+1) bytes per element)")
     parser.add_argument("--json", help="write every round's seconds here")
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="thread: the calling thread's CPU time (needs --threads 1); on a loaded machine it "
@@ -134,12 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     results = []
     for k in args.k:
-        rounds = Rounds(k, quick=args.quick, clock=clock)
+        rounds = Rounds(k, quick=args.quick, clock=clock, dtype=DTYPES[args.dtype])
         results.append(rounds.run(args.rounds))
         del rounds
         gc.collect()
         print(markdown(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; GPT-2-small-like list, fp32; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; GPT-2-small-like list, {args.dtype}; "
           f"copy: in-place add_ of two {QUICK_COPY_NUMEL >> 20 if args.quick else 64}M-element fp32 tensors")
     print(markdown(results))
     if args.json:
