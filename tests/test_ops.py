@@ -155,6 +155,33 @@ def test_merge_in_place_when_out_is_an_input(row, k, alias, layout):
     compare_to_reference(case, backend)
 
 
+CPP_ROWS = [r for r in ROWS if r[0] == "cpp"]
+STREAM_MIN_BYTES = 32 << 20  # csrc/cpu/merge.cpp's kStreamMinBytes
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "offset"])
+@pytest.mark.parametrize("k,alias,out_dtype,in_dtypes", [
+    (8, None, torch.float32, [torch.float32]),
+    (3, None, torch.float32, [torch.float32, torch.bfloat16]),
+    (2, 1, torch.float32, [torch.float32]),
+    (2, None, torch.float32, [torch.float32]),
+    (9, None, torch.float64, [torch.float32, torch.float64]),
+    (3, None, torch.bfloat16, [torch.bfloat16]),
+], ids=["k8-fp32", "k3-mixed", "k2-in-place", "k2-fp32", "k9-fp64", "k3-bf16"])
+@pytest.mark.parametrize("row", CPP_ROWS, ids=row_id)
+def test_merge_larger_than_the_caches(row, k, alias, out_dtype, in_dtypes, layout):
+    """Calls past STREAM_MIN_BYTES, where the CPU kernel writes float32/float64 outputs that are none
+    of the inputs with non-temporal stores (every other test's call is smaller): the reference's
+    values, bit for bit, with views starting off a 64-byte line and sizes ending mid-line; nothing
+    outside the views changes."""
+    backend, device = row
+    per_element = out_dtype.itemsize + k * min(d.itemsize for d in in_dtypes)  # at least this, at every position
+    n = STREAM_MIN_BYTES * 5 // 4 // per_element
+    sizes = [n * 3 // 5 + 13, n * 2 // 5 + 1, 3]  # the two large tensors' inputs have in_dtypes[0] and [1]
+    case = make_case("merge_", sizes, [out_dtype], in_dtypes, k=k, device=device, layout=layout, alias=alias)
+    compare_to_reference(case, backend, exact=True)
+
+
 def _strided_views(pair: List[Tensor]) -> List[Tensor]:
     return [pair[0].t()[::2], pair[1][:, ::3]]
 
