@@ -254,7 +254,6 @@ void merge_range_as(const Operand& out, const Operand* inputs, size_t stride, co
   constexpr int64_t kOutSize = sizeof(std::conditional_t<kDirect, D, char>);
   constexpr size_t kGroupSize = kBuffered ? kConvertGroup : kGroup;
   constexpr int64_t kBlock = kBuffered ? kConvertBlock : kMergeBlock;
-  static_assert(kConvertGroup * kConvertBlock <= kGroup * kMergeBlock);
   const size_t k_total = w.size();
   stream = stream && kDirect;
   alignas(64) C acc[std::max(kMergeBlock, kConvertBlock)];
@@ -263,7 +262,8 @@ void merge_range_as(const Operand& out, const Operand* inputs, size_t stride, co
   // Blocks start on 64-byte lines of the output, after a head of fewer than a line's elements.
   const int64_t misalign = static_cast<int64_t>(
       reinterpret_cast<uintptr_t>(static_cast<char*>(out.data) + lo * kOutSize) % kLineBytes);
-  const int64_t head = kDirect && misalign % kOutSize == 0 ? std::min(hi - lo, (kLineBytes - misalign) % kLineBytes / kOutSize) : 0;
+  const int64_t head =
+      kDirect && misalign % kOutSize == 0 ? std::min(hi - lo, (kLineBytes - misalign) % kLineBytes / kOutSize) : 0;
   for (int64_t b = lo, n = head; b < hi; b += n, n = std::min(kBlock, hi - b)) {
     if (n == 0) continue;
     // A whole line at b: only then may this block's stores bypass the cache.
