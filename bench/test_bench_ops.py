@@ -15,6 +15,7 @@ from typing import Dict, Tuple
 import pytest
 import torch
 
+import kway
 from cases import DTYPE_NAMES, Case, CaseData, Unsupported, build_data, cpu_cases, pairs, providers, speedup, \
     workload_shapes
 
@@ -23,6 +24,7 @@ CASES = {c.name: c for c in cpu_cases()}
 PROVIDERS = {p.name: p for p in providers("cpu")}
 PAIRS = [(c.name, p.name) for c, p in pairs(CASES.values(), PROVIDERS.values())]
 MIN_ROUNDS, MAX_ROUNDS = 3, 30
+INTERLEAVED_KS = (2, 3, 8)
 
 _medians: Dict[str, Dict[str, float]] = defaultdict(dict)  # case name -> provider -> median seconds
 _current: Dict[Tuple[Case, bool], CaseData] = {}  # the case being run; its providers share its tensors
@@ -66,3 +68,31 @@ def test_op(benchmark, request, copy_gbps, case_name, provider_name):
         gbps=gbps, baseline=baseline, speedup=ratio, copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps,
         quick=quick,
     )
+
+
+@pytest.mark.parametrize("k", INTERLEAVED_KS)
+def test_merge_interleaved(benchmark, request, k):
+    """The K-way fp32 merge on the GPT-2-like list, the torch loop and the copy ceiling in interleaved
+    rounds (bench/kway.py): each round times the copy and the torch loop (the untimed ``setup`` of
+    pytest-benchmark's round) and then ``merge_``, the timed call. ``extra_info`` holds every round's
+    seconds and the medians of the per-round ratios, ours / copy and ours / torch."""
+    quick = request.config.getoption("--bench-quick")
+    budget = request.config.getoption("--bench-budget")
+    _current.clear()  # the K models of another case are freed first: K = 8 holds 4.5 GB
+    gc.collect()
+    rounds = kway.Rounds(k, quick=quick)
+    start = time.perf_counter()
+    rounds.others()
+    rounds.ours()
+    first = time.perf_counter() - start
+    for times in rounds.result.seconds.values():
+        times.clear()  # that round sized the run; it is not reported
+    n = 3 if quick else min(15, max(5, int(3 * budget / max(first, 1e-9))))
+    benchmark.group = f"merge{k}-gpt2-fp32-interleaved"
+    benchmark.pedantic(rounds.ours, setup=rounds.others, rounds=n, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    rounds.result.seconds["swm:cpp"] = list(benchmark.stats.stats.data)
+    benchmark.extra_info.update(interleaved=rounds.result.summary(), seconds=rounds.result.seconds,
+                                merge_bytes=rounds.result.merge_bytes, copy_bytes=rounds.result.copy_bytes,
+                                copy=rounds.copy_description, quick=quick)

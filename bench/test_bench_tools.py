@@ -137,3 +137,16 @@ def test_gpu_dry_run_covers_every_provider(tmp_path):
 def test_gpu_without_cuda_exits_with_a_message(capsys):
     assert gpu.main([]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_report_renders_the_interleaved_merge_rounds(tmp_path, capsys):
+    """test_merge_interleaved's results alone (`-k interleaved`) still make a report: the K-way table."""
+    summary = {"k": 8, "rounds": 9, "copy_gbps": 50.0, "torch_gbps": 25.0, "ours_gbps": 41.0,
+               "ours_over_copy": 0.83, "torch_over_copy": 0.5, "ours_over_torch": 1.64}
+    bench = {"datetime": "2026-01-01T00:00:00", "machine_info": {"cpu": {"brand_raw": "test CPU", "count": 2}},
+             "benchmarks": [{"group": "merge8-gpt2-fp32-interleaved", "stats": {"median": 0.1},
+                             "extra_info": {"interleaved": summary}}]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    assert report.main([str(path)]) == 0
+    assert "| 8 | 9 | 50.0 | 25.0 | 41.0 | 83% | 1.64x |" in capsys.readouterr().out

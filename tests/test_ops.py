@@ -167,17 +167,22 @@ STREAM_MIN_BYTES = 32 << 20  # csrc/cpu/merge.cpp's kStreamMinBytes
     (2, None, torch.float32, [torch.float32]),
     (9, None, torch.float64, [torch.float32, torch.float64]),
     (3, None, torch.bfloat16, [torch.bfloat16]),
-], ids=["k8-fp32", "k3-mixed", "k2-in-place", "k2-fp32", "k9-fp64", "k3-bf16"])
+    (8, None, torch.bfloat16, [torch.float32]),
+    (2, 0, torch.bfloat16, [torch.bfloat16]),
+    (3, None, torch.float32, [torch.float16, torch.float64]),
+], ids=["k8-fp32", "k3-fp32-bf16", "k2-in-place", "k2-fp32", "k9-fp64", "k3-bf16", "k8-bf16-from-fp32",
+        "k2-bf16-in-place", "k3-fp16-fp64"])
 @pytest.mark.parametrize("row", CPP_ROWS, ids=row_id)
 def test_merge_larger_than_the_caches(row, k, alias, out_dtype, in_dtypes, layout):
-    """Calls past STREAM_MIN_BYTES, where the CPU kernel writes float32/float64 outputs that are none
-    of the inputs with non-temporal stores (every other test's call is smaller): the reference's
-    values, bit for bit, with views starting off a 64-byte line and sizes ending mid-line; nothing
-    outside the views changes."""
+    """Calls past STREAM_MIN_BYTES, where the CPU kernel writes outputs that are none of the inputs
+    with non-temporal stores (every other test's call is smaller): the reference's values, bit for
+    bit, with views starting off a 64-byte line and sizes ending mid-line; nothing outside the views
+    changes. The two large tensors' inputs have in_dtypes[0] and in_dtypes[1]: bfloat16 inputs
+    are converted in registers, others (float16, float32 into float64) through buffers."""
     backend, device = row
     per_element = out_dtype.itemsize + k * min(d.itemsize for d in in_dtypes)  # at least this, at every position
     n = STREAM_MIN_BYTES * 5 // 4 // per_element
-    sizes = [n * 3 // 5 + 13, n * 2 // 5 + 1, 3]  # the two large tensors' inputs have in_dtypes[0] and [1]
+    sizes = [n * 3 // 5 + 13, n * 2 // 5 + 1, 3]
     case = make_case("merge_", sizes, [out_dtype], in_dtypes, k=k, device=device, layout=layout, alias=alias)
     compare_to_reference(case, backend, exact=True)
 
