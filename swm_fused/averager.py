@@ -77,6 +77,21 @@ class EMAWarmup:
         if not 0.0 <= self.min_decay <= 1.0:
             raise ValueError(f"EMAWarmup: min_decay must be in [0, 1], got {self.min_decay!r}")
 
+    @classmethod
+    def coerce(cls, warmup: Union["EMAWarmup", Mapping[str, Any], bool, None], what: str) -> Optional["EMAWarmup"]:
+        """``warmup`` as the front-ends accept it: an EMAWarmup, a dict of its fields, ``True`` (the
+        defaults), ``False`` or None (no warmup). Anything else is a TypeError naming ``what``."""
+        if warmup is True:
+            return cls()
+        if warmup is None or warmup is False:
+            return None
+        if isinstance(warmup, Mapping):
+            return cls(**warmup)
+        if not isinstance(warmup, cls):
+            raise TypeError(f"{what}: warmup must be an EMAWarmup, a dict of its fields, a bool or None, "
+                            f"got {type(warmup).__name__}")
+        return warmup
+
     def decay_at(self, step: int, decay: float) -> float:
         """The decay for update number ``step`` (1-based) when the target decay is ``decay``."""
         return self.schedule(step, decay)[0]
@@ -130,7 +145,7 @@ class WeightAverager:
     def __init__(self, model: ModelLike, *, mode: str = "ema", decay: float = 0.9999,
                  dtype: Optional[torch.dtype] = torch.float32,
                  device: Optional[Union[str, torch.device]] = None, start: int = 0, every: int = 1,
-                 warmup: Optional[Union[EMAWarmup, Mapping[str, Any]]] = None,
+                 warmup: Optional[Union[EMAWarmup, Mapping[str, Any], bool]] = None,
                  include_buffers: bool = False, skip_nonfinite: bool = True):
         if mode not in _MODES:
             raise ValueError(f"WeightAverager: mode must be 'ema' or 'swa', got {mode!r}")
@@ -145,10 +160,7 @@ class WeightAverager:
                 raise TypeError(f"WeightAverager: {name} must be an int, got {type(value).__name__}")
             if value < low:
                 raise ValueError(f"WeightAverager: {name} must be >= {low}, got {value}")
-        if isinstance(warmup, Mapping):
-            warmup = EMAWarmup(**warmup)
-        if warmup is not None and not isinstance(warmup, EMAWarmup):
-            raise TypeError(f"WeightAverager: warmup must be an EMAWarmup, a dict or None, got {type(warmup).__name__}")
+        warmup = EMAWarmup.coerce(warmup, "WeightAverager")
         if warmup is not None and mode != "ema":
             raise ValueError("WeightAverager: warmup only applies to mode='ema'")
         if not isinstance(model, (nn.Module, Mapping)):
@@ -295,12 +307,12 @@ class WeightAverager:
     @property
     def n_averaged(self) -> int:
         """Number of updates averaged in (reads a device counter: syncs with the device)."""
-        return int(self.engine.count(0).item())
+        return self.engine.counters()[0]
 
     @property
     def skipped(self) -> int:
         """Number of updates skipped for NaN/Inf (reads a device counter: syncs with the device)."""
-        return int(self.engine.skipped.item())
+        return self.engine.counters()[1]
 
     @property
     def nbytes(self) -> int:

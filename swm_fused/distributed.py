@@ -22,15 +22,25 @@ TensorList = Union[Tensor, Sequence[Tensor], FlatBuffer]
 _PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 
+def dtensor_type() -> Optional[type]:
+    """``torch.distributed.tensor.DTensor``, or None where torch.distributed is not built in."""
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    return DTensor
+
+
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a DTensor (an FSDP2 / tensor-parallel shard)."""
+    if type(value) in _PLAIN_TENSOR_TYPES:  # the common case, checked without an import
+        return False
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(value, dtensor)
+
+
 def local_shard(tensor: Tensor) -> Tensor:
     """The part of ``tensor`` this rank holds: ``to_local()`` for a DTensor, the tensor itself otherwise."""
-    if type(tensor) in _PLAIN_TENSOR_TYPES:  # the common case, checked without an import per call
-        return tensor
-    if dist.is_available():
-        from torch.distributed.tensor import DTensor
-        if isinstance(tensor, DTensor):
-            return tensor.to_local()
-    return tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def fsdp_modules(model: object) -> List[nn.Module]:

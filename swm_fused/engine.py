@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch as _dispatch
-from .distributed import fsdp_modules, local_shard, reshard_fsdp
+from .distributed import dtensor_type, fsdp_modules, local_shard, reshard_fsdp
 from .flat import FlatBuffer
 from .ops import BoundLists, any_nonfinite, ema_, ema_multi_, swa_, swag_
 from .ops import _check_decay
@@ -87,17 +87,10 @@ def structure_epoch() -> int:
 
 
 # ------------------------------------------------------------------------------ DTensor helpers
-def _dtensor_type() -> Optional[type]:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-    return DTensor
-
-
 def model_layout(average: Tensor, tensor: Tensor) -> Tensor:
     """``average`` (this rank's part) laid out like the model tensor: a DTensor wrapping it, without
     copying or communicating, when ``tensor`` is a DTensor; ``average`` itself otherwise."""
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is None or not isinstance(tensor, dtensor):
         return average
     return dtensor.from_local(average, tensor.device_mesh, tensor.placements, run_check=False,
@@ -110,7 +103,7 @@ def part_for(source: Tensor, tensor: Tensor) -> Tensor:
     Shards with the same layout are used as they are; other layouts are redistributed,
     gathered (a plain ``tensor``, every rank must call) or sliced locally (a plain ``source``).
     """
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is None:
         return source
     if isinstance(tensor, dtensor):
@@ -125,7 +118,7 @@ def part_for(source: Tensor, tensor: Tensor) -> Tensor:
 
 def check_meshes(what: str, pairs: Mapping[str, Tuple[Tensor, Tensor]]) -> None:
     """ValueError if a sharded source and a sharded target live on different device meshes."""
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is None:
         return
     for name, (source, target) in pairs.items():
@@ -480,6 +473,11 @@ class AveragingEngine:
     def skipped(self) -> Tensor:
         """The device counter of updates skipped for NaN/Inf (0-dim int64)."""
         return self.skipped_tensor
+
+    def counters(self) -> Tuple[int, int]:
+        """``(averaged, skipped)``: segment 0's averaged updates and the updates skipped for NaN/Inf, as
+        ints (reads the device counters: syncs with the device)."""
+        return int(self.count(0).item()), int(self.skipped_tensor.item())
 
     def __repr__(self) -> str:
         where = ", ".join(str(g.device) for g in self._groups)

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .distributed import is_dtensor
+
 MAX_SIGMA_REL = 12 ** -0.5
 """sigma_rel of gamma = 0, a uniform average (about 0.288675); wider profiles would need gamma < 0: rejected."""
 
@@ -176,10 +178,6 @@ def _count(name: str, value: Any) -> int:
     return int(value)
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor) is not Tensor and hasattr(tensor, "full_tensor")
-
-
 SnapshotLayout = List[Tuple[str, torch.dtype, Tuple[int, ...]]]
 
 
@@ -216,7 +214,7 @@ def _write_gathered(path: Path, layout: SnapshotLayout, metadata: Mapping[str, s
             error, file = exc, None
     try:
         for (_, dtype, _), tensor in zip(layout, tensors):
-            full = tensor.full_tensor() if _is_dtensor(tensor) else tensor  # a collective: all ranks, same order
+            full = tensor.full_tensor() if is_dtensor(tensor) else tensor  # a collective: all ranks, same order
             if file is not None:
                 try:
                     writer.write_tensor(file, full.to(dtype))
@@ -390,7 +388,7 @@ class PostHocEMA:
             layout = [(name, self.snapshot_dtype if t.is_floating_point() else t.dtype, tuple(t.shape))
                       for name, t in average.items()]
             path = self.snapshot_path(sigma_rel)
-            if any(_is_dtensor(t) for t in average.values()):
+            if any(is_dtensor(t) for t in average.values()):
                 _write_gathered(path, layout, metadata, list(average.values()))
             else:
                 self.snapshot_dir.mkdir(parents=True, exist_ok=True)

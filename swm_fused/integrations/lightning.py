@@ -59,7 +59,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException  # 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn  # noqa: E402
 
 from ..averager import EMAWarmup  # noqa: E402
-from ..distributed import local_shard  # noqa: E402
+from ..distributed import is_dtensor, local_shard  # noqa: E402
 from ..engine import AveragingEngine  # noqa: E402
 from ..ops import any_nonfinite  # noqa: E402
 
@@ -76,18 +76,6 @@ WarmupLike = Optional[Union[EMAWarmup, Mapping[str, Any], bool]]
 # only rank 0's shards.
 CURRENT_KEY = "current_model_state"
 SWA_AVERAGE_KEY = "swa_average_model_state"
-
-
-def _dtensor_type() -> Optional[type]:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-    return DTensor
-
-
-def _is_dtensor(value: Any) -> bool:
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(value, dtensor)
 
 
 def _check_int(what: str, name: str, value: Any, low: int, allow_none: bool = False) -> None:
@@ -157,7 +145,7 @@ class _Average:
         self.what = what
         self.engine = AveragingEngine(pl_module, dtype=dtype, device=device, include_buffers=include_buffers,
                                       skip_nonfinite=skip_nonfinite, what=what)
-        self.sharded = any(_is_dtensor(t) for t in self.engine.model_tensors())
+        self.sharded = any(is_dtensor(t) for t in self.engine.model_tensors())
 
     # ------------------------------------------------------------------ updating
     def update(self, mode: str, decay: float = 0.0) -> None:
@@ -170,8 +158,7 @@ class _Average:
         averages = self.engine.views()
         sources = [local_shard(t).detach() for t in self.engine.model_tensors()]
         engine = self.engine
-        n = int(engine.count(0).item())  # the user's function reads n_averaged anyway, as torch's does
-        skipped = int(engine.skipped.item())
+        n, skipped = engine.counters()  # the user's function reads n_averaged anyway, as torch's does
         attempts = engine.attempts[0] + 1
         if engine.skip_nonfinite and sources and bool(any_nonfinite(sources).item()):
             engine.set_counters([n], [attempts], skipped + 1)
@@ -224,8 +211,8 @@ class _Average:
         ones. Sharded models: DTensors when ``current`` holds DTensors (a distributed checkpoint); otherwise full
         tensors, gathered on every rank (a collective, as the strategy's own full state dict is)."""
         averages = self.engine.average_state_dict()
-        if self.sharded and not any(_is_dtensor(v) for v in current.values()):
-            averages = {name: (a.full_tensor().cpu() if _is_dtensor(a) else a) for name, a in averages.items()}
+        if self.sharded and not any(is_dtensor(v) for v in current.values()):
+            averages = {name: (a.full_tensor().cpu() if is_dtensor(a) else a) for name, a in averages.items()}
         names = self.key_to_name()
         return {key: (averages[names[key]] if key in names else value) for key, value in current.items()}
 
@@ -262,9 +249,9 @@ def _counter(value: Any) -> int:
 
 def _load_model_state(pl_module: nn.Module, state: Mapping[str, Any]) -> None:
     """Load a (full or sharded) model state dict into a possibly sharded module."""
-    if any(_is_dtensor(t) for t in pl_module.parameters()):
+    if any(is_dtensor(t) for t in pl_module.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        full = not any(_is_dtensor(v) for v in state.values())
+        full = not any(is_dtensor(v) for v in state.values())
         set_model_state_dict(pl_module, dict(state), options=StateDictOptions(full_state_dict=full))
     else:
         pl_module.load_state_dict(state)
@@ -279,8 +266,26 @@ def _dcp_load(trainer: "pl.Trainer", state: Dict[str, Any]) -> None:
     dcp.load(state, checkpoint_id=path)
 
 
+class _HoldsAverage:
+    """What both callbacks show of their average, ``self._average`` (built when fitting starts)."""
+
+    _average: Optional[_Average]
+
+    @property
+    def engine(self) -> AveragingEngine:
+        """The :class:`~swm_fused.AveragingEngine` holding the average (exists once fitting has started)."""
+        if self._average is None:
+            raise RuntimeError(f"{type(self).__name__}: the average is built when fitting starts")
+        return self._average.engine
+
+    @property
+    def skipped(self) -> int:
+        """Updates (epochs, for SWA) not averaged in because the weights held NaN/Inf (reads a device counter)."""
+        return self.engine.counters()[1]
+
+
 # ================================================================================= WeightAveraging
-class WeightAveraging(Callback):
+class WeightAveraging(_HoldsAverage, Callback):
     """Lightning's ``WeightAveraging`` on swm_fused's engine: an average of the model updated after each
     optimizer step (or epoch, see :meth:`should_update`), swapped in for validation and copied into the
     model when training ends.
@@ -348,21 +353,9 @@ class WeightAveraging(Callback):
 
     # ------------------------------------------------------------------ properties
     @property
-    def engine(self) -> AveragingEngine:
-        """The :class:`~swm_fused.AveragingEngine` holding the average (exists once fitting has started)."""
-        if self._average is None:
-            raise RuntimeError(f"{type(self).__name__}: the average is built when fitting starts")
-        return self._average.engine
-
-    @property
     def n_averaged(self) -> int:
         """Updates averaged in so far (reads a device counter)."""
-        return int(self.engine.count(0).item())
-
-    @property
-    def skipped(self) -> int:
-        """Updates skipped because the weights held NaN/Inf (reads a device counter)."""
-        return int(self.engine.skipped.item())
+        return self.engine.counters()[0]
 
     def average_state_dict(self) -> Dict[str, Tensor]:
         """Name -> averaged tensor (views into the live average; DTensors for sharded parameters)."""
@@ -442,7 +435,7 @@ class WeightAveraging(Callback):
                                  "latest_update_epoch": self._latest_update_epoch}
         if self._average is not None:
             state["n_updates"] = self._average.engine.attempts[0]
-            state["skipped"] = int(self._average.engine.skipped.item())
+            state["skipped"] = self._average.engine.counters()[1]
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -486,7 +479,7 @@ class WeightAveraging(Callback):
             if swapped:
                 engine.swap_in()
         checkpoint["averaging_state"] = {"n_averaged": engine.count(0).clone()}
-        if any(_is_dtensor(v) for v in current.values()):
+        if any(is_dtensor(v) for v in current.values()):
             checkpoint["state_dict"] = {**averaged, CURRENT_KEY: current}
         else:
             checkpoint["state_dict"] = averaged
@@ -579,15 +572,7 @@ class EMAWeightAveraging(WeightAveraging):
         _check_int(what, "update_every_n_steps", update_every_n_steps, 0)
         _check_int(what, "update_starting_at_step", update_starting_at_step, 0, allow_none=True)
         _check_int(what, "update_starting_at_epoch", update_starting_at_epoch, 0, allow_none=True)
-        if warmup is True:
-            warmup = EMAWarmup()
-        elif warmup is False:
-            warmup = None
-        elif isinstance(warmup, Mapping):
-            warmup = EMAWarmup(**warmup)
-        if warmup is not None and not isinstance(warmup, EMAWarmup):
-            raise TypeError(f"{what}: warmup must be an EMAWarmup, a dict of its fields, a bool or None, "
-                            f"got {type(warmup).__name__}")
+        warmup = EMAWarmup.coerce(warmup, what)
         super().__init__(device=device, use_buffers=use_buffers, dtype=dtype, skip_nonfinite=skip_nonfinite)
         self._builtin = ("ema", float(decay))
         self.decay = float(decay)
@@ -631,7 +616,7 @@ class _EngineModel:
         self.owner._load_average_model_state(state)
 
 
-class StochasticWeightAveraging(_LightningSWA):
+class StochasticWeightAveraging(_HoldsAverage, _LightningSWA):
     """Lightning's ``StochasticWeightAveraging`` with the average in swm_fused's engine.
 
     The learning-rate schedule (``SWALR``), the extra epoch that recomputes BatchNorm statistics and the
@@ -664,18 +649,6 @@ class StochasticWeightAveraging(_LightningSWA):
         self._skip_nonfinite = skip_nonfinite
         self._average: Optional[_Average] = None
         self._pending_average: Optional[Mapping[str, Any]] = None
-
-    @property
-    def engine(self) -> AveragingEngine:
-        """The :class:`~swm_fused.AveragingEngine` holding the average (exists once fitting has started)."""
-        if self._average is None:
-            raise RuntimeError(f"{type(self).__name__}: the average is built when fitting starts")
-        return self._average.engine
-
-    @property
-    def skipped(self) -> int:
-        """Epochs not averaged in because the weights held NaN/Inf (reads a device counter)."""
-        return int(self.engine.skipped.item())
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Refuse FSDP1/DeepSpeed (Lightning's exception type); FSDP2 (ModelParallelStrategy) is supported."""
@@ -743,12 +716,12 @@ class StochasticWeightAveraging(_LightningSWA):
         entry = checkpoint.get("callbacks", {}).get(self.state_key)
         if entry is None or entry.get("average_model_state") is None:
             return
-        if any(_is_dtensor(v) for v in checkpoint["state_dict"].values()):
+        if any(is_dtensor(v) for v in checkpoint["state_dict"].values()):
             checkpoint["state_dict"][SWA_AVERAGE_KEY] = entry["average_model_state"]
             entry["average_model_state"] = None
             entry[SWA_AVERAGE_KEY] = True  # Lightning's load_state_dict reads only its own keys
         else:  # a full checkpoint, written by rank 0: gather the shards (every rank takes part)
-            entry["average_model_state"] = {k: (v.full_tensor().cpu() if _is_dtensor(v) else v)
+            entry["average_model_state"] = {k: (v.full_tensor().cpu() if is_dtensor(v) else v)
                                             for k, v in entry["average_model_state"].items()}
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",

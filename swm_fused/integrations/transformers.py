@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..averager import EMAWarmup, WeightAverager
+from ..distributed import is_dtensor
 from . import require
 
 _transformers = require("transformers", "transformers")
@@ -61,13 +62,6 @@ _TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE
 _CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _dtensor_type() -> Optional[type]:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-    return DTensor
 
 
 class WeightAveragingCallback(_transformers.TrainerCallback):
@@ -109,15 +103,7 @@ class WeightAveragingCallback(_transformers.TrainerCallback):
             raise TypeError(f"{what}: decay must be a number, got {type(decay).__name__}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"{what}: decay must be a number in [0, 1], got {decay!r}")
-        if warmup is True:
-            warmup = EMAWarmup()
-        elif warmup is False:
-            warmup = None
-        elif isinstance(warmup, Mapping):
-            warmup = EMAWarmup(**warmup)
-        if warmup is not None and not isinstance(warmup, EMAWarmup):
-            raise TypeError(f"{what}: warmup must be a bool, an EMAWarmup, a dict or None, "
-                            f"got {type(warmup).__name__}")
+        warmup = EMAWarmup.coerce(warmup, what)
         if warmup is not None and mode != "ema":
             raise ValueError(f"{what}: warmup only applies to mode='ema'")
         for key, value, low in (("start_step", start_step, 0), ("every", every, 1)):
@@ -184,10 +170,9 @@ class WeightAveragingCallback(_transformers.TrainerCallback):
         """
         state = self.averager.state_dict()
         average = state.pop("average")
-        dtensor = _dtensor_type()
         tensors: Dict[str, Tensor] = {}
         for key, value in average.items():  # the same order on every rank: the gathers pair up
-            if dtensor is not None and isinstance(value, dtensor):
+            if is_dtensor(value):
                 value = value.full_tensor()  # a collective
             if write:
                 # own, contiguous CPU copies: safetensors refuses views that share a storage

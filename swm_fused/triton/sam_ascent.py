@@ -10,7 +10,6 @@ still writes ``saved`` (so a restore from it stays exact) and leaves the params 
 
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
