@@ -127,7 +127,7 @@ class WeightAverager:
             memory and the update runs with the CPU backend.
         start, every: ``update()`` number ``n`` (1-based) is applied when
             ``n > start`` and ``(n - start) % every == 0``; other calls only count.
-        warmup: an :class:`EMAWarmup` (or a dict of its fields): the decay of update
+        warmup: an :class:`EMAWarmup`, a dict of its fields, or ``True`` for its defaults: the decay of update
             ``n`` follows timm ``ModelEmaV3.get_decay(n)`` with ``use_warmup=True``.
             EMA mode only.
         include_buffers: also average floating buffers (integer buffers keep their

@@ -107,6 +107,16 @@ def test_warmup_validation():
         WeightAverager(make_mlp(), warmup=0.5)
 
 
+@pytest.mark.parametrize("given,expected", [(True, EMAWarmup()), (False, None), (None, None),
+                                            ({"warmup_power": 0.75}, EMAWarmup(warmup_power=0.75)),
+                                            (EMAWarmup(update_after_step=3), EMAWarmup(update_after_step=3))])
+def test_warmup_forms_every_front_end_accepts(given, expected):
+    assert EMAWarmup.coerce(given, "X") == expected
+    assert WeightAverager(make_mlp(), warmup=given).warmup == expected
+    with pytest.raises(TypeError, match="^X: warmup must be"):
+        EMAWarmup.coerce("yes", "X")
+
+
 # ------------------------------------------------------------------------ EMA / SWA oracles
 @pytest.mark.parametrize("mode", ["ema", "swa"])
 @pytest.mark.parametrize("start,every", [(0, 1), (3, 2), (0, 4)])
