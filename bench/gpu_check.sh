@@ -7,7 +7,8 @@
 #   versions   date, GPU, driver, torch, Triton, CUDA, nvcc, compute-sanitizer
 #   build      the CUDA extension in place (setup.py build_ext --inplace, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16),
 #              then: every swm_fused op with a CPU kernel has a CUDA kernel
-#   tests      $TEST_FILES with pytest on the GPU, Triton compiled (TRITON_INTERPRET is unset)
+#   tests      $TEST_FILES with pytest on the GPU, Triton compiled (TRITON_INTERPRET is unset); figures the
+#              tests record (record_property("gpu_figure", ...): the CUDA-graph update) go into the summary
 #   sanitizer  compute-sanitizer --tool memcheck over bench/sanitize_ops.py (every op, cuda then triton)
 #   bench      bench/gpu.py --out OUT_DIR/gpu-<date>.md (the copy ceiling is measured in the same run)
 # Writes OUT_DIR/gpu_check-<date>.md (versions, each phase's status and duration, test counts) and
@@ -58,6 +59,7 @@ summary=$out_dir/gpu_check-$stamp.md
 bench_md=$out_dir/gpu-$stamp.md
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
 trap 'rm -rf -- "$scratch"' EXIT
+figures_file=$scratch/figures.md  # tests' recorded figures (bench/junit_summary.py), for the summary
 : >"$log"
 exec > >(tee -a "$log") 2>&1
 
@@ -266,17 +268,8 @@ if begin_phase tests; then
   say "$PY -m pytest ${test_args[*]} ${pytest_args[*]}"
   limit_signal=INT run_limited "$PY" -m pytest "${test_args[@]}" "${pytest_args[@]}"
   rc=$?
-  counts=$("$PY" - "$junit" <<'EOF' 2>/dev/null
-import sys
-import xml.etree.ElementTree as ET
-
-root = ET.parse(sys.argv[1]).getroot()
-suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
-print(f"{passed} passed, {total['failures']} failed, {total['errors']} errors, {total['skipped']} skipped")
-EOF
-  ) || counts="no counts (no junit report)"
+  counts=$("$PY" bench/junit_summary.py "$junit" counts 2>/dev/null) || counts="no counts (no junit report)"
+  "$PY" bench/junit_summary.py "$junit" figures >"$figures_file" 2>/dev/null || : >"$figures_file"
   if [ "$rc" = 0 ]; then
     end_phase ok "$counts ($test_files)"
   else
@@ -375,6 +368,10 @@ total=$(elapsed "$t_start")
   else
     echo "| (versions not recorded) | |"
   fi
+  echo
+  echo "## Figures the tests measured"
+  echo
+  if [ -s "$figures_file" ]; then cat "$figures_file"; else echo "(none recorded)"; fi
   echo
   echo "## Phases"
   echo

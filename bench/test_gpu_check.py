@@ -40,6 +40,7 @@ def test_gpu_check_dry_run_runs_every_phase(tmp_path):
     for item in ("torch", "triton", "GPU", "nvcc"):
         assert re.search(rf"^\| {item}\b", summary, re.M), f"no {item} version in the summary:\n{summary}"
     assert re.search(r"\d+ passed, 0 failed, 0 errors", summary), summary
+    assert "## Figures the tests measured\n\n(none recorded)" in summary, summary  # the dry run's tests record none
     assert "measured in this run" in tables[0].read_text()
     assert "===== bench" in logs[0].read_text()
 
@@ -55,3 +56,28 @@ def test_sanitize_ops_names_every_public_op():
     for op in ("ema_", "swa_", "swag_", "merge_", "any_nonfinite"):
         assert f"swm_fused.{op}(" in text, op
     assert re.search(r"MERGE_KS = \(1, 3, 8, 11\)", text)
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="1" failures="2" skipped="3" tests="{tests}">
+<testcase classname="tests.test_cuda_graph" name="test_update[lists]">
+<properties><property name="gpu_figure" value="{figure}"/><property name="other" value="x"/></properties>
+</testcase>
+<testcase classname="tests.test_ops" name="test_a"/>
+</testsuite></testsuites>"""
+
+
+def test_junit_summary_reads_counts_and_recorded_figures(tmp_path):
+    """gpu_check.sh's summary: counts and the figures tests record (fresh values each run, so a stale parse fails)."""
+    import random
+
+    tests, figure = random.randint(10, 1000), f"{random.uniform(1, 9):.3f} ms GPU"
+    report = tmp_path / "junit.xml"
+    report.write_text(JUNIT.format(tests=tests, figure=figure))
+    run = [sys.executable, str(BENCH / "junit_summary.py"), str(report)]
+    counts = subprocess.run(run + ["counts"], capture_output=True, text=True, check=True).stdout
+    assert counts.strip() == f"{tests - 6} passed, 2 failed, 1 errors, 3 skipped"
+    figures = subprocess.run(run + ["figures"], capture_output=True, text=True, check=True).stdout
+    assert figures == f"- tests.test_cuda_graph::test_update[lists]: {figure}\n"
+    bad = subprocess.run(run[:-1] + [str(tmp_path / "missing.xml"), "counts"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "cannot read" in bad.stderr

@@ -1,6 +1,7 @@
 """WeightAverager.update() of a 1.3B-parameter bf16 model with an fp32 average under CUDA graph capture
 (issue 10, section 4): the captured update replays with no host sync and no allocation, and matches the
-eager update bit for bit. Prints the update's GPU time against the copy bandwidth. Skips without CUDA.
+eager update bit for bit. Prints the update's GPU time against the copy bandwidth and records it for
+bench/gpu_check.sh's summary. Skips without CUDA.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _gpu_ms(fn, reps: int = 10) -> float:
 
 
 @pytest.mark.parametrize("flat", [False, True], ids=["lists", "flat"])
-def test_update_of_a_1_3b_bf16_model_replays_in_a_cuda_graph(flat):
+def test_update_of_a_1_3b_bf16_model_replays_in_a_cuda_graph(flat, record_property):
     device = torch.device("cuda")
     params = gpt_1_3b_params(device)
     numel = sum(t.numel() for t in params.values())
@@ -97,5 +98,8 @@ def test_update_of_a_1_3b_bf16_model_replays_in_a_cuda_graph(flat):
     # a copy of B bytes reads B and writes B: half its time is what moving the update's bytes costs
     same_bytes_ms = _gpu_ms(lambda: dst.copy_(src)) / 2
     gbps = numel * 10 / update_ms / 1e6
-    print(f"\n1.3B bf16 -> fp32 EMA update ({'flat' if flat else 'lists'}): {update_ms:.3f} ms GPU, {gbps:.0f} GB/s; "
-          f"copy bandwidth moves the same bytes in {same_bytes_ms:.3f} ms ({same_bytes_ms / update_ms:.0%} of it)")
+    figure = (f"1.3B bf16 -> fp32 EMA update ({'flat' if flat else 'lists'}), CUDA graph replay: {update_ms:.3f} ms GPU, "
+              f"{gbps:.0f} GB/s; copy bandwidth moves the same bytes in {same_bytes_ms:.3f} ms "
+              f"({same_bytes_ms / update_ms:.0%} of copy) on {torch.cuda.get_device_name()}")
+    print("\n" + figure)
+    record_property("gpu_figure", figure)  # bench/gpu_check.sh puts it in its summary (bench/junit_summary.py)
