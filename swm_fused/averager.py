@@ -199,7 +199,7 @@ class WeightAverager:
         the schedule, O(1) staleness checks and one C call (``AveragingEngine.fast_update``).
         """
         engine = self.engine
-        if engine._stash is not None:
+        if engine.is_swapped:
             raise RuntimeError("WeightAverager.update: the average is swapped into the model; "
                                "leave swapped() first")
         step = self._step = self._step + 1

@@ -919,6 +919,7 @@ class AveragingEngine:
     # ------------------------------------------------------------------------ swapping
     @property
     def is_swapped(self) -> bool:
+        """Whether the average is swapped into the model (see :meth:`swap`)."""
         return self._stash is not None
 
     def _indices(self, segments: Optional[Sequence[int]]) -> List[int]:

@@ -3,6 +3,8 @@ host-sync entry points (``Tensor.item``, ``.cpu()``, ``bool()``/``float()`` of a
 patched to raise. (On CUDA, tests/test_cuda.py also runs the ops under torch's sync debug mode.)"""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -101,3 +103,51 @@ def test_bound_step_multi_and_posthoc_update_multi_do_not_synchronise(row, monke
             phema.update()
     with pytest.raises(HostSync):  # the patches are live
         torch.zeros(1).item()
+
+
+@pytest.mark.parametrize("mode", ["ema", "swa"])
+@pytest.mark.parametrize("flat", [False, True], ids=["lists", "flat"])
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["automatic", "forced-reference"])
+def test_weight_averager_update_does_not_synchronise(mode, flat, backend, monkeypatch):
+    """WeightAverager.update() never waits for the device, on the one-C-call fast path (automatic backend), on
+    the full path (a forced backend), through a NaN-skipped step and, for lists, a replaced parameter that
+    makes it re-pair. tests/test_cuda_graph.py's capture relies on this; here the averages must still
+    equal a float64 oracle."""
+    model = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.LayerNorm(17), torch.nn.Linear(17, 3))
+    model = model.to(torch.bfloat16)
+    if flat:
+        swm_fused.flatten_parameters(model)
+    warmup = swm_fused.EMAWarmup(warmup_power=0.75) if mode == "ema" else None
+    averager = swm_fused.WeightAverager(model, mode=mode, decay=0.8, warmup=warmup)
+    oracle: dict = {}
+    averaged = 0
+    forbid_host_sync(monkeypatch)
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        for step in range(1, 7):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, dtype=torch.float32).to(p.dtype))
+                if step == 4 and not flat:
+                    model[2].bias = torch.nn.Parameter(torch.randn(3).to(torch.bfloat16))  # re-paired by name
+                poisoned = step == 3
+                if poisoned:
+                    saved = model[0].weight[1, 2].clone()
+                    model[0].weight[1, 2] = float("nan")
+            averager.update()
+            if poisoned:
+                with torch.no_grad():
+                    model[0].weight[1, 2] = saved
+                continue
+            current = {n: p.detach().double() for n, p in model.named_parameters()}
+            averaged += 1
+            if mode == "ema":
+                decay = warmup.decay_at(step, 0.8)  # the host schedule counts every update() call
+                oracle = {n: (decay * oracle[n] + (1 - decay) * x if oracle else x) for n, x in current.items()}
+            else:
+                oracle = {n: (oracle[n] + (x - oracle[n]) / averaged if oracle else x) for n, x in current.items()}
+    with pytest.raises(HostSync):  # the patches were live
+        torch.zeros(1).item()
+    monkeypatch.undo()
+    assert averager.n_averaged == averaged and averager.skipped == 1
+    for name, value in averager.average_state_dict().items():
+        torch.testing.assert_close(value.double(), oracle[name], atol=1e-6, rtol=1e-5, msg=name)
