@@ -919,7 +919,7 @@ class AveragingEngine:
     # ------------------------------------------------------------------------ swapping
     @property
     def is_swapped(self) -> bool:
-        """Whether the average is swapped into the model (see :meth:`swap`)."""
+        """Whether the average is swapped into the model (see :meth:`swap_in`, :meth:`swapped`)."""
         return self._stash is not None
 
     def _indices(self, segments: Optional[Sequence[int]]) -> List[int]:
