@@ -185,8 +185,8 @@ def _write_snapshot(path: Path, layout: SnapshotLayout, metadata: Mapping[str, s
     """One snapshot file of local tensors, atomically (a temporary name beside it, fsync, rename)."""
     from .merge import writer
 
-    with writer._atomic_output(path) as file:
-        file.write(writer._safetensors_header(layout, metadata))
+    with writer.atomic_output(path) as file:
+        file.write(writer.safetensors_header(layout, metadata))
         for (_, dtype, _), tensor in zip(layout, tensors):
             writer.write_tensor(file, tensor.to(dtype))
 
@@ -206,10 +206,10 @@ def _write_gathered(path: Path, layout: SnapshotLayout, metadata: Mapping[str, s
     if dist.get_rank() == 0:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            opened = writer._atomic_output(path)
+            opened = writer.atomic_output(path)
             file = opened.__enter__()
             output = opened
-            file.write(writer._safetensors_header(layout, metadata))
+            file.write(writer.safetensors_header(layout, metadata))
         except Exception as exc:
             error, file = exc, None
     try:
@@ -461,14 +461,14 @@ def _metadata(path: Path) -> Dict[str, str]:
 def read_snapshots(snapshot_dir: Union[str, os.PathLike]) -> List[Snapshot]:
     """Every snapshot in ``snapshot_dir`` (``phema-*.safetensors``; temporary files of interrupted writes,
     which start with a dot, are never read), checked to be of one model and one time unit."""
-    from .merge.readers import _SafetensorsFile
+    from .merge.readers import SafetensorsFile
 
     folder = Path(snapshot_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such snapshot folder")
     snapshots = []
     for path in sorted(folder.glob(SNAPSHOT_PREFIX + "*.safetensors")):
-        reader = _SafetensorsFile(str(path))  # validates the header against the file
+        reader = SafetensorsFile(str(path))  # validates the header against the file
         try:
             shapes = {k: info.shape for k, info in reader.infos.items()}
         finally:
@@ -525,10 +525,10 @@ def reconstruct(snapshot_dir: Union[str, os.PathLike], sigma_rel: float, at: Opt
     """The EMA of width ``sigma_rel`` at time ``at`` (default: the last snapshot) from the snapshots in
     ``snapshot_dir``: ``sum_i x_i theta_i`` with :func:`solve_coefficients`'s weights, accumulated
     in float32 tensor by tensor (float32 tensors out)."""
-    from .merge.readers import _SafetensorsFile
+    from .merge.readers import SafetensorsFile
 
     paths, weights, _ = plan_reconstruction(read_snapshots(snapshot_dir), sigma_rel, at)
-    readers = [_SafetensorsFile(str(p)) for p in paths]
+    readers = [SafetensorsFile(str(p)) for p in paths]
     try:
         out: Dict[str, Tensor] = {}
         for key in readers[0].infos:

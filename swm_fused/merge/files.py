@@ -204,7 +204,7 @@ def stream_merge(plan: Plan, base: Optional[PathLike], paths: Sequence[PathLike]
         has_base = base is not None
 
         def write_shard(file, shard: writer.Shard) -> None:
-            file.write(writer._safetensors_header(shard.layout, metadata))
+            file.write(writer.safetensors_header(shard.layout, metadata))
             for key, dt, _ in shard.layout:
                 inputs = [reader.read(key) for reader in readers]
                 if dt.is_floating_point:
@@ -222,7 +222,7 @@ def stream_merge(plan: Plan, base: Optional[PathLike], paths: Sequence[PathLike]
                 del inputs, merged
 
         if not folder:
-            with writer._atomic_output(out) as file:
+            with writer.atomic_output(out) as file:
                 for shard in shards:  # one shard: the whole model
                     write_shard(file, shard)
             return

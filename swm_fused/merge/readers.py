@@ -36,7 +36,7 @@ SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
 _MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library enforces
 
 
-class _SafetensorsFile:
+class SafetensorsFile:
     """One safetensors file, read one tensor at a time with plain reads into fresh tensors.
 
     safetensors' own ``safe_open`` maps the file, and the pages it touches stay resident until
@@ -208,7 +208,7 @@ class _ShardedFolder:
             if os.path.basename(name) != name or name in ("", ".", ".."):
                 raise ValueError(f"{index_path}: shard name {name!r} is not a file name in the folder")
         self.weight_map: Dict[str, str] = dict(weight_map)
-        self._shards: Dict[str, Union[_SafetensorsFile, _TorchCheckpoint]] = {}
+        self._shards: Dict[str, Union[SafetensorsFile, _TorchCheckpoint]] = {}
         try:
             for shard_name in dict.fromkeys(weight_map.values()):
                 self._shards[shard_name] = _open_file(os.path.join(folder, shard_name))
@@ -239,7 +239,7 @@ class _ShardedFolder:
             shard.close()
 
 
-def _open_folder(folder: str) -> Union[_SafetensorsFile, _TorchCheckpoint, _ShardedFolder]:
+def _open_folder(folder: str) -> Union[SafetensorsFile, _TorchCheckpoint, _ShardedFolder]:
     """A checkpoint folder, as ``save_pretrained`` writes one, checked in this order:
 
     ``model.safetensors.index.json`` (shards), ``model.safetensors``, ``pytorch_model.bin.index.json``
@@ -266,16 +266,16 @@ def _open_folder(folder: str) -> Union[_SafetensorsFile, _TorchCheckpoint, _Shar
                      f"{TORCH_INDEX} or {TORCH_SINGLE}; found {found}")
 
 
-def _open_file(path: str) -> Union[_SafetensorsFile, _TorchCheckpoint]:
+def _open_file(path: str) -> Union[SafetensorsFile, _TorchCheckpoint]:
     if path.endswith(".safetensors"):
-        return _SafetensorsFile(path)
+        return SafetensorsFile(path)
     if path.endswith(TORCH_SUFFIXES):
         return _TorchCheckpoint(path)
     raise ValueError(f"{path}: unknown checkpoint type; expected .safetensors, "
                      f"{', '.join(TORCH_SUFFIXES)} or a sharded folder")
 
 
-def _open_checkpoint(path: PathLike) -> Union[_SafetensorsFile, _TorchCheckpoint, _ShardedFolder]:
+def _open_checkpoint(path: PathLike) -> Union[SafetensorsFile, _TorchCheckpoint, _ShardedFolder]:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)

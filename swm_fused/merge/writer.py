@@ -45,7 +45,7 @@ def write_tensor(file: BinaryIO, tensor: Tensor) -> None:
     _write_tensor(file, tensor)
 
 
-def _safetensors_header(layout: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]],
+def safetensors_header(layout: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]],
                         metadata: Mapping[str, str]) -> bytes:
     """The 8-byte length plus the JSON header, padded with spaces to a multiple of 8."""
     header: Dict[str, Any] = {"__metadata__": dict(metadata)}
@@ -97,7 +97,7 @@ def _tmp_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _atomic_output(out_path: Path) -> Iterator[BinaryIO]:
+def atomic_output(out_path: Path) -> Iterator[BinaryIO]:
     """Yield a new file next to ``out_path``; move it into place only when the block succeeds.
 
     On any exception, KeyboardInterrupt or SystemExit the temporary file is deleted and
