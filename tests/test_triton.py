@@ -365,7 +365,9 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from swm_fused.triton import _multi_tensor, lerp, merge, swag
-anf = importlib.import_module("swm_fused.triton.any_nonfinite")
+# modules that share their name with the function the package exports
+anf, merge_sparse, sam_ascent, sq_norm = (importlib.import_module(f"swm_fused.triton.{m}")
+                                          for m in ("any_nonfinite", "merge_sparse", "sam_ascent", "sq_norm"))
 assert not _multi_tensor.INTERPRETED
 tables = {"tensor_table": "*i64", "chunk_table": "*i64", "n_chunks": "i32"}
 flags = {"weight_bits": "i64", "weight_ptr": "*fp64", "found_inf_ptr": "*fp32"}
@@ -383,6 +385,27 @@ variants = {
                                                                     **tile)),
     "any_nonfinite": (anf._any_nonfinite_kernel, {"flag_ptr": "*fp32"},
                       dict(BITS=tl.int64, EXPONENT=0x7FF0000000000000, ROWS=32, BLOCK=128, ALIGNED=False)),
+    "lerp_multi": (lerp._lerp_multi_kernel, {"extras": "*i64", "found_inf_ptr": "*fp32"},
+                   dict(K=3, AVG=f32, SRC=bf16, COMPUTE=f32, HAS_FOUND_INF=True, ALIGNED=True, **tile)),
+    "sq_norm": (sq_norm._sq_norm_kernel, {"partials_ptr": "*fp64"},
+                dict(X=bf16, S=f32, COMPUTE=f32, HAS_SCALE=True, ROW_WIDTH=3, ALIGNED=True, **tile)),
+    "sam_ascent": (sam_ascent._sam_ascent_kernel, {"scale_ptr": "*fp32", "found_inf_ptr": "*fp32"},
+                   dict(PARAM=bf16, GRAD=f32, SAVED=bf16, COMPUTE=f32, ADAPTIVE=True, HAS_FOUND_INF=True,
+                        ALIGNED=True, **tile)),
+    "sam_ascent_fp64": (sam_ascent._sam_ascent_kernel, {"scale_ptr": "*fp64", "found_inf_ptr": "*fp32"},
+                        dict(PARAM=f64, GRAD=f64, SAVED=f32, COMPUTE=f64, ADAPTIVE=False, HAS_FOUND_INF=False,
+                             ALIGNED=False, **tile)),
+    **{f"ties_{election}": (merge_sparse._ties_kernel, {"extras": "*i64"},
+                            dict(K=3, ELECTION=election, NORMALIZE=True, HAS_BASE=True, SUBTRACT=True, BANDED=True,
+                                 OUT=bf16, BASE=bf16, COMPUTE=f32, ALIGNED=True, **tile))
+       for election in (0, 1, 2)},
+    "ties_fp64": (merge_sparse._ties_kernel, {"extras": "*i64"},
+                  dict(K=2, ELECTION=0, NORMALIZE=False, HAS_BASE=False, SUBTRACT=False, BANDED=False,
+                       OUT=f32, BASE=f32, COMPUTE=f64, ALIGNED=False, **tile)),
+    "dare_drop": (merge_sparse._drop_kernel, {"extras": "*i64"},
+                  dict(DELTA=bf16, U=f32, P=f64, PER_ELEMENT=True, RESCALE=True, ALIGNED=True, **tile)),
+    "dare_drop_scalar": (merge_sparse._drop_kernel, {"extras": "*i64"},
+                         dict(DELTA=f32, U=f32, P=f32, PER_ELEMENT=False, RESCALE=False, ALIGNED=False, **tile)),
 }
 ptx = {}
 for name, (kernel, signature, constexprs) in variants.items():
@@ -396,8 +419,9 @@ json.dump({name: {"fma": p.count("fma.rn"), "vector_loads": p.count("ld.global.v
 
 
 def test_kernels_compile_for_hopper():
-    """The interpreter checks no GPU typing rules, so compile the kernels for sm_90 with Triton's own
-    ptxas, no GPU needed: torch's fma lerp survives, merges fuse nothing, aligned groups vectorise."""
+    """The interpreter checks no GPU typing rules, so compile every kernel (several variants of the newer
+    ones) for sm_90 with Triton's own ptxas, no GPU needed: torch's fma lerp survives, merges fuse nothing,
+    aligned groups vectorise."""
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -405,6 +429,8 @@ def test_kernels_compile_for_hopper():
     assert out.returncode == 0, out.stderr[-3000:]
     counts = json.loads(out.stdout)
     assert counts["lerp"]["fma"] > 0 and counts["lerp_aligned"]["fma"] > 0 and counts["swag_aligned"]["fma"] > 0
-    assert counts["merge_aligned"]["fma"] == 0  # a multiply then an add, rounded twice, as the reference does
-    for name in ("lerp_aligned", "swag_aligned", "merge_aligned"):
+    for name in ("merge_aligned", "sq_norm", "sam_ascent", "ties_0", "ties_1", "ties_2", "dare_drop"):
+        assert counts[name]["fma"] == 0, name  # a multiply then an add, rounded twice, as the reference does
+    for name in ("lerp_aligned", "swag_aligned", "merge_aligned", "lerp_multi", "sq_norm", "sam_ascent", "ties_0",
+                 "dare_drop"):
         assert counts[name]["vector_loads"] > 0, name

@@ -26,7 +26,8 @@ from ._multi_tensor import (DTYPE_CODES, LAUNCH_OPTIONS, TRITON_DTYPES, build_la
                             load_column, store_column)
 
 ELECTIONS = {"sum": 0, "count": 1, "none": 2}
-DOUBLE_MAX = 1.7976931348623157e308  # hi above it is +inf: no upper bound
+# hi above it is +inf: no upper bound. A constexpr: a compiled kernel may read no other global.
+DOUBLE_MAX = tl.constexpr(1.7976931348623157e308)
 
 
 @triton.jit
