@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..engine import AveragingEngine, StaleModelError
 from ..flat import FlatBuffer
-from . import require
+from . import check_int, check_number, require
 
 _diffusers = require("diffusers", "diffusers")
 from diffusers.utils import deprecate  # noqa: E402  (after require: a clear ImportError first)
@@ -71,13 +71,6 @@ def _tensors(parameters: Iterable[Tensor], what: str) -> List[Tensor]:
         if not isinstance(p, Tensor):
             raise TypeError(f"EMAModel.{what}: parameter {i} is a {type(p).__name__}, not a Tensor")
     return params
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, strict_low: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"EMAModel: {name} must be a number, got {type(value).__name__}")
-    if not (value > low if strict_low else value >= low) or not value <= high:
-        raise ValueError(f"EMAModel: {name} must be in {'(' if strict_low else '['}{low}, {high}], got {value!r}")
 
 
 class EMAModel:
@@ -116,14 +109,11 @@ class EMAModel:
             deprecate("min_value", "1.0.0", "The `min_value` argument is deprecated. Please use `min_decay` instead.",
                       standard_warn=False)
             min_decay = kwargs["min_value"]
-        _check_number("decay", decay, 0.0, 1.0)
-        _check_number("min_decay", min_decay, 0.0, 1.0)
-        _check_number("inv_gamma", inv_gamma, 0.0, float("inf"), strict_low=True)
-        _check_number("power", power, 0.0, float("inf"), strict_low=True)
-        if isinstance(update_after_step, bool) or not isinstance(update_after_step, numbers.Integral):
-            raise TypeError(f"EMAModel: update_after_step must be an int, got {type(update_after_step).__name__}")
-        if update_after_step < 0:
-            raise ValueError(f"EMAModel: update_after_step must be >= 0, got {update_after_step}")
+        check_number("EMAModel", "decay", decay, 0.0, 1.0)
+        check_number("EMAModel", "min_decay", min_decay, 0.0, 1.0)
+        check_number("EMAModel", "inv_gamma", inv_gamma, 0.0, float("inf"), strict_low=True)
+        check_number("EMAModel", "power", power, 0.0, float("inf"), strict_low=True)
+        check_int("EMAModel", "update_after_step", update_after_step, 0)
         params = _tensors(parameters, "__init__")
         if not params:
             raise ValueError("EMAModel: no parameters to track")

@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple,
 import torch
 from torch import Tensor, nn
 
-from . import require
+from . import check_int, require
 
 require("lightning.pytorch", "lightning")
 
@@ -76,16 +76,6 @@ WarmupLike = Optional[Union[EMAWarmup, Mapping[str, Any], bool]]
 # only rank 0's shards.
 CURRENT_KEY = "current_model_state"
 SWA_AVERAGE_KEY = "swa_average_model_state"
-
-
-def _check_int(what: str, name: str, value: Any, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what}: {name} must be an int{' or None' if allow_none else ''}, "
-                        f"got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{what}: {name} must be >= {low}, got {value}")
 
 
 def _check_device(what: str, device: Any) -> Optional[torch.device]:
@@ -569,9 +559,9 @@ class EMAWeightAveraging(WeightAveraging):
             raise TypeError(f"{what}: decay must be a number, got {type(decay).__name__}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"{what}: decay must be in [0, 1], got {decay!r}")
-        _check_int(what, "update_every_n_steps", update_every_n_steps, 0)
-        _check_int(what, "update_starting_at_step", update_starting_at_step, 0, allow_none=True)
-        _check_int(what, "update_starting_at_epoch", update_starting_at_epoch, 0, allow_none=True)
+        check_int(what, "update_every_n_steps", update_every_n_steps, 0)
+        check_int(what, "update_starting_at_step", update_starting_at_step, 0, allow_none=True)
+        check_int(what, "update_starting_at_epoch", update_starting_at_epoch, 0, allow_none=True)
         warmup = EMAWarmup.coerce(warmup, what)
         super().__init__(device=device, use_buffers=use_buffers, dtype=dtype, skip_nonfinite=skip_nonfinite)
         self._builtin = ("ema", float(decay))

@@ -45,7 +45,6 @@ routine is chunked, as in timm. Moving the EMA (``model_ema.to(...)``, ``.cuda()
 """
 from __future__ import annotations
 
-import numbers
 import weakref
 from copy import deepcopy
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -54,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import AveragingEngine, structure_epoch
+from . import check_int, check_number
 
 __all__ = ["ModelEmaV3"]
 
@@ -87,13 +87,6 @@ def _lerp_stochastic_round_bf16_(ema_values: List[Tensor], model_values: List[Te
         numel += ema_v.numel()
     if chunk_ema:
         update_chunk(chunk_ema, chunk_model)
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, strict_low: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"ModelEmaV3: {name} must be a number, got {type(value).__name__}")
-    if not (value > low if strict_low else value >= low) or not value <= high:
-        raise ValueError(f"ModelEmaV3: {name} must be in {'(' if strict_low else '['}{low}, {high}], got {value!r}")
 
 
 def _inner_models(model: nn.Module) -> List[nn.Module]:
@@ -136,14 +129,11 @@ class ModelEmaV3(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"ModelEmaV3: model must be an nn.Module, got {type(model).__name__}")
-        _check_number("decay", decay, 0.0, 1.0)
-        _check_number("min_decay", min_decay, 0.0, 1.0)
-        _check_number("warmup_gamma", warmup_gamma, 0.0, float("inf"), strict_low=True)
-        _check_number("warmup_power", warmup_power, 0.0, float("inf"), strict_low=True)
-        if isinstance(update_after_step, bool) or not isinstance(update_after_step, numbers.Integral):
-            raise TypeError(f"ModelEmaV3: update_after_step must be an int, got {type(update_after_step).__name__}")
-        if update_after_step < 0:
-            raise ValueError(f"ModelEmaV3: update_after_step must be >= 0, got {update_after_step}")
+        check_number("ModelEmaV3", "decay", decay, 0.0, 1.0)
+        check_number("ModelEmaV3", "min_decay", min_decay, 0.0, 1.0)
+        check_number("ModelEmaV3", "warmup_gamma", warmup_gamma, 0.0, float("inf"), strict_low=True)
+        check_number("ModelEmaV3", "warmup_power", warmup_power, 0.0, float("inf"), strict_low=True)
+        check_int("ModelEmaV3", "update_after_step", update_after_step, 0)
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"ModelEmaV3: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
         if next(model.parameters(), None) is None:
