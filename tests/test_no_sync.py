@@ -4,6 +4,7 @@ patched to raise. (On CUDA, tests/test_cuda.py also runs the ops under torch's s
 from __future__ import annotations
 
 import contextlib
+from typing import Tuple
 
 import pytest
 import torch
@@ -22,12 +23,13 @@ def no_host_sync(monkeypatch):
     forbid_host_sync(monkeypatch)
 
 
-def forbid_host_sync(monkeypatch) -> None:
+def forbid_host_sync(monkeypatch, also: Tuple[str, ...] = ()) -> None:
+    """Patch the host-sync entry points (and the Tensor methods named in ``also``) to raise HostSync."""
     def forbidden(name):
         def call(*args, **kwargs):
             raise HostSync(f"{name} was called inside an op")
         return call
-    for name in ("item", "cpu", "__bool__", "__float__", "__int__"):
+    for name in ("item", "cpu", "__bool__", "__float__", "__int__", *also):
         monkeypatch.setattr(torch.Tensor, name, forbidden(f"Tensor.{name}"))
     monkeypatch.setattr(torch.cuda, "synchronize", forbidden("torch.cuda.synchronize"))
     monkeypatch.setattr(torch.cuda.Event, "synchronize", forbidden("torch.cuda.Event.synchronize"))
